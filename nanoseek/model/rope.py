@@ -1,0 +1,68 @@
+"""Rotary position embedding in DeepSeek's interleaved layout, with YaRN context extension.
+
+Checkpoints store q_pe/k_pe so that adjacent pairs (x[2i], x[2i+1]) rotate by frequency theta_i. We rotate the
+pairs and write the result de-interleaved (all first elements, then all second elements), as transformers does:
+q and k get the same permutation, so every dot product is unchanged and no extra copy is made.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from nanoseek.config import ModelConfig, yarn_mscale
+
+
+def yarn_correction_dim(num_rotations: float, dim: int, base: float, original_max_pos: int) -> float:
+    """Dimension index whose wavelength fits `num_rotations` times into the original context."""
+    return dim * math.log(original_max_pos / (num_rotations * 2 * math.pi)) / (2 * math.log(base))
+
+
+def rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
+    """(inv_freq of shape (d/2,), cos/sin amplitude factor) for the config's RoPE (plain or YaRN)."""
+    d, base = cfg.qk_rope_head_dim, cfg.rope_theta
+    theta = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.float32) / d))        # (d/2,)
+    if cfg.rope_type != "yarn":
+        return theta, 1.0
+    rs = cfg.rope_scaling
+    factor = float(rs["factor"])
+    l0 = rs["original_max_position_embeddings"]
+    low = math.floor(yarn_correction_dim(rs.get("beta_fast", 32) or 32, d, base, l0))
+    high = math.ceil(yarn_correction_dim(rs.get("beta_slow", 1) or 1, d, base, l0))
+    low, high = max(low, 0), min(high, d - 1)
+    if low == high:
+        high += 0.001                                    # avoid 0/0 in the ramp (DeepSeek does the same)
+    ramp = ((torch.arange(d // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    # ramp = 0: high-frequency dims keep theta (extrapolate); ramp = 1: low-frequency dims are interpolated.
+    inv_freq = theta / factor * ramp + theta * (1 - ramp)
+    amplitude = yarn_mscale(factor, rs.get("mscale", 1.0)) / yarn_mscale(factor, rs.get("mscale_all_dim", 0.0))
+    return inv_freq, amplitude
+
+
+class RotaryEmbedding(nn.Module):
+    """positions (..., T) -> cos, sin of shape (..., T, d/2), amplitude (YaRN mscale ratio) folded in."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        # A plain attribute, not a buffer: it is derived from the config, never saved, and must survive
+        # building the model on the meta device (checkpoint loading) and dtype casts (it stays fp32).
+        self.inv_freq, self.amplitude = rope_inv_freq(cfg)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.inv_freq.device != positions.device:
+            self.inv_freq = self.inv_freq.to(positions.device)
+        angles = positions.float()[..., None] * self.inv_freq                           # (..., T, d/2)
+        return angles.cos() * self.amplitude, angles.sin() * self.amplitude
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs of x (..., T, [nh,] d); cos/sin (T, d/2) or (B, T, d/2) broadcast over heads.
+
+    x: (B, T, nh, d) or (B, T, d). Output is de-interleaved: [x0', x2', ..., x1', x3', ...].
+    """
+    if x.dim() == 4:                      # (B, T, nh, d): add the head axis to cos/sin
+        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    x1, x2 = x[..., 0::2].float(), x[..., 1::2].float()
+    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    return out.to(x.dtype)
