@@ -43,12 +43,13 @@ class Gate(nn.Module):
     def _apply(self, fn, recurse=True):
         # The router weight and the balancing bias stay fp32 whatever the model dtype (as transformers keeps
         # them): the bias moves in steps of 1e-3 that bf16 cannot represent near 1, and bf16 flips routing.
-        old = {n: t for n, t in [*self._parameters.items(), *self._buffers.items()] if t is not None}
+        # snapshot the data (not the Parameter objects: `_apply` may swap their .data in place)
+        old = {n: t.data for n, t in [*self._parameters.items(), *self._buffers.items()] if t is not None}
         super()._apply(fn, recurse)
         for name, t in old.items():
             new = getattr(self, name)
             if new.is_floating_point() and new.dtype != torch.float32 and t.dtype == torch.float32:
-                new.data = t.data.to(device=new.device, dtype=torch.float32)
+                new.data = t.to(device=new.device, dtype=torch.float32)
         return self
 
     def forward(self, x: torch.Tensor):

@@ -1,0 +1,162 @@
+"""Model pieces against slow readable paths and hand-computed cases: gate, grouped experts, RoPE/YaRN, MTP."""
+import math
+
+import pytest
+import torch
+
+import nanoseek
+from nanoseek.model import build_model
+from nanoseek.model.moe import Experts, Gate
+from nanoseek.model.rope import rope_inv_freq
+
+
+def _cfg(**kw):
+    return nanoseek.ModelConfig.from_name("tiny", **kw)
+
+
+def test_grouped_experts_match_per_token_reference():
+    cfg = _cfg(n_routed_experts=8, num_experts_per_tok=3)
+    torch.manual_seed(0)
+    ex = Experts(cfg)
+    torch.nn.init.normal_(ex.gate_up_proj, std=0.2)
+    torch.nn.init.normal_(ex.down_proj, std=0.2)
+    x = torch.randn(37, cfg.hidden_size)
+    idx = torch.stack([torch.randperm(8)[:3] for _ in range(37)])
+    idx[:5] = torch.tensor([0, 1, 2])            # an expert crowd, and (likely) some idle experts
+    w = torch.rand(37, 3)
+    fast, slow = ex(x, idx, w), ex.forward_reference(x, idx, w)
+    assert fast.abs().max() > 0.1
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+
+
+def test_grouped_experts_gradients_match_reference():
+    cfg = _cfg(n_routed_experts=4, num_experts_per_tok=2, n_group=2, topk_group=1)
+    torch.manual_seed(1)
+    ex = Experts(cfg)
+    torch.nn.init.normal_(ex.gate_up_proj, std=0.2)
+    torch.nn.init.normal_(ex.down_proj, std=0.2)
+    x = torch.randn(9, cfg.hidden_size, requires_grad=True)
+    idx = torch.stack([torch.randperm(4)[:2] for _ in range(9)])
+    w = torch.rand(9, 2)
+    g_fast = torch.autograd.grad(ex(x, idx, w).square().sum(), [x, ex.gate_up_proj, ex.down_proj])
+    g_slow = torch.autograd.grad(ex.forward_reference(x, idx, w).square().sum(), [x, ex.gate_up_proj, ex.down_proj])
+    for a, b in zip(g_fast, g_slow):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_v3_gate_hand_computed():
+    """4 experts in 2 groups, keep 1 group, top-2. The bias moves selection to group 1, weights use raw scores."""
+    cfg = _cfg(n_routed_experts=4, n_group=2, topk_group=1, num_experts_per_tok=2, hidden_size=64,
+               routed_scaling_factor=2.5, norm_topk_prob=True)
+    gate = Gate(cfg)
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    # a one-hot input x = e_0 and W[:,0] = logits makes x @ W^T = logits
+    with torch.no_grad():
+        gate.weight.zero_()
+        gate.weight[:, 0] = logits[0]
+        gate.e_score_correction_bias.copy_(torch.tensor([0.0, 0.0, 0.9, 0.9]))
+    x = torch.zeros(1, 64)
+    x[0, 0] = 1.0
+    w, idx, scores = gate(x)
+    s = torch.sigmoid(logits[0])
+    # group sums of top-2 with bias: g0 = s0+s1 = 1.612, g1 = s2+0.9 + s3+0.9 = 2.569 -> keep group 1
+    assert sorted(idx[0].tolist()) == [2, 3]
+    expected = torch.stack([s[2], s[3]]) / (s[2] + s[3]) * 2.5
+    got = w[0][idx[0].argsort()]
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(scores[0], s)
+
+
+def test_v2_gate_softmax_greedy_hand_computed():
+    cfg = _cfg(model_type="deepseek_v2", scoring_func="softmax", topk_method="greedy", n_routed_experts=4,
+               num_experts_per_tok=2, norm_topk_prob=False, routed_scaling_factor=2.0, n_group=1, topk_group=1)
+    gate = Gate(cfg)
+    with torch.no_grad():
+        gate.weight.zero_()
+        gate.weight[:, 0] = torch.tensor([0.0, 3.0, 1.0, 2.0])
+    x = torch.zeros(1, cfg.hidden_size)
+    x[0, 0] = 1.0
+    w, idx, _ = gate(x)
+    p = torch.softmax(torch.tensor([0.0, 3.0, 1.0, 2.0]), -1)
+    assert idx[0].tolist() == [1, 3]
+    torch.testing.assert_close(w[0], 2.0 * p[[1, 3]])
+
+
+def test_group_limited_masking_excludes_other_groups():
+    """Top-k smaller than the allowed experts, and experts outside kept groups never chosen even if they score
+    higher than some inside (the -inf mask)."""
+    cfg = _cfg(n_routed_experts=8, n_group=4, topk_group=1, num_experts_per_tok=2)
+    gate = Gate(cfg)
+    with torch.no_grad():
+        gate.weight.zero_()
+        gate.weight[:, 0] = torch.tensor([5.0, 4.9, 4.95, -9.0, -9.0, -9.0, -9.0, -9.0])
+    x = torch.zeros(1, cfg.hidden_size)
+    x[0, 0] = 1.0
+    _, idx, _ = gate(x)
+    # group 0 = {0,1} sums highest (5 + 4.9 vs 4.95 - 9); expert 2 (4.95) beats 1 but is in group 1
+    assert sorted(idx[0].tolist()) == [0, 1]
+
+
+def test_yarn_frequencies_match_transformers():
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    rs = {"type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096, "beta_fast": 32,
+          "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}
+    cfg = nanoseek.ModelConfig.from_name("v3")
+    hf_cfg = transformers.DeepseekV3Config(qk_rope_head_dim=64, rope_scaling=rs, max_position_embeddings=163840)
+    inv_hf, amp_hf = ROPE_INIT_FUNCTIONS["yarn"](hf_cfg, "cpu")
+    inv, amp = rope_inv_freq(cfg)
+    torch.testing.assert_close(inv, inv_hf.float(), rtol=1e-6, atol=0)
+    assert amp == pytest.approx(amp_hf)
+    # V3 softmax scale: 192^-0.5 * (0.1 ln 40 + 1)^2
+    assert cfg.softmax_scale == pytest.approx(192 ** -0.5 * (0.1 * math.log(40) + 1) ** 2)
+
+
+def test_mtp_logits_compose_and_are_causal():
+    cfg = _cfg(num_nextn_predict_layers=2)
+    model = build_model(cfg, seed=0).eval()
+    ids = torch.randint(0, cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    out = model(ids, return_mtp=True)
+    assert len(out.mtp_logits) == 2 and all(t.shape == (2, 12, cfg.vocab_size) for t in out.mtp_logits)
+    torch.testing.assert_close(out.logits, model(ids))
+    # manual depth-1 composition: eh_proj([enorm(emb(t_{i+1})); hnorm(h_i)]) -> layer -> shared head
+    m1 = model.mtp[0]
+    pos = torch.arange(12)
+    cos, sin = model.model.rotary(pos)
+    emb = model.model.embed_tokens(torch.nn.functional.pad(ids[:, 1:], (0, 1)))
+    h1 = m1(out.hidden, emb, cos, sin)
+    torch.testing.assert_close(out.mtp_logits[0], model.lm_head(m1.shared_head.norm(h1)))
+    # depth k at position i sees tokens up to i+k: changing token 8 leaves depth-2 positions < 6 unchanged
+    ids2 = ids.clone()
+    ids2[:, 8] = (ids2[:, 8] + 1) % cfg.vocab_size
+    out2 = model(ids2, return_mtp=True)
+    torch.testing.assert_close(out2.mtp_logits[1][:, :6], out.mtp_logits[1][:, :6])
+    assert (out2.mtp_logits[1][:, 6:9] - out.mtp_logits[1][:, 6:9]).abs().max() > 0
+
+
+def test_bf16_model_keeps_router_in_fp32_and_runs():
+    model = build_model(_cfg(), seed=0, dtype=torch.bfloat16)
+    gates = [m for m in model.modules() if isinstance(m, Gate)]
+    assert gates and all(g.weight.dtype == torch.float32 for g in gates)
+    assert all(g.e_score_correction_bias.dtype == torch.float32 for g in gates)
+    assert model.lm_head.weight.dtype == torch.bfloat16
+    logits = model(torch.randint(0, 512, (1, 8)))
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
+
+
+def test_autocast_bf16_close_to_fp32():
+    model = build_model(_cfg(initializer_range=0.1), seed=0).eval()
+    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+    ref = model(ids)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = model(ids)
+    assert (got.float() - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_backward_reaches_every_trained_parameter():
+    model = build_model(_cfg(num_nextn_predict_layers=1), seed=0)
+    ids = torch.randint(0, 512, (2, 10))
+    out = model(ids, return_mtp=True)
+    (out.logits.sum() + out.mtp_logits[0].sum()).backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert missing == []
