@@ -22,7 +22,7 @@ def yarn_correction_dim(num_rotations: float, dim: int, base: float, original_ma
 def rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
     """(inv_freq of shape (d/2,), cos/sin amplitude factor) for the config's RoPE (plain or YaRN)."""
     d, base = cfg.qk_rope_head_dim, cfg.rope_theta
-    theta = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.float32) / d))        # (d/2,)
+    theta = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.float32, device="cpu") / d))        # (d/2,)
     if cfg.rope_type != "yarn":
         return theta, 1.0
     rs = cfg.rope_scaling
@@ -33,7 +33,7 @@ def rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
     low, high = max(low, 0), min(high, d - 1)
     if low == high:
         high += 0.001                                    # avoid 0/0 in the ramp (DeepSeek does the same)
-    ramp = ((torch.arange(d // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    ramp = ((torch.arange(d // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
     # ramp = 0: high-frequency dims keep theta (extrapolate); ramp = 1: low-frequency dims are interpolated.
     inv_freq = theta / factor * ramp + theta * (1 - ramp)
     amplitude = yarn_mscale(factor, rs.get("mscale", 1.0)) / yarn_mscale(factor, rs.get("mscale_all_dim", 0.0))
