@@ -7,6 +7,7 @@ including `rope_scaling` (DeepSeek's name) and `rope_parameters` (transformers >
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -213,13 +214,15 @@ class ModelConfig:
             if rtype == "default":
                 kwargs["rope_scaling"] = None
             else:
-                kwargs["rope_scaling"] = {k: v for k, v in rp.items() if k not in ("rope_theta", "rope_type")}
+                kwargs["rope_scaling"] = {k: v for k, v in rp.items() if k not in ("rope_theta", "rope_type", "type")}
                 kwargs["rope_scaling"]["type"] = rtype
         elif "rope_scaling" in d and isinstance(d["rope_scaling"], dict):
             rs = dict(d["rope_scaling"])
-            rs.setdefault("type", rs.pop("rope_type", "default"))
+            rtype = rs.pop("type", None) or rs.pop("rope_type", "default")
             rs.pop("rope_type", None)
-            kwargs["rope_scaling"] = None if rs["type"] == "default" else rs
+            if "rope_theta" in rs:                      # transformers >= 5 folds rope_theta in
+                kwargs.setdefault("rope_theta", rs.pop("rope_theta"))
+            kwargs["rope_scaling"] = None if rtype == "default" else {**rs, "type": rtype}
         if model_type == "deepseek_v2" and "rope_interleave" not in d:
             kwargs["rope_interleave"] = True
         for k in ("n_group", "topk_group"):   # V2 configs write null when routing is not grouped
@@ -236,7 +239,7 @@ class ModelConfig:
     def to_hf(self) -> dict[str, Any]:
         """config.json dict that both DeepSeek's and transformers' loaders read."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
-        d = {**self.extra, **d}
+        d = copy.deepcopy({**self.extra, **d})        # callers (transformers) mutate what they are given
         if d["quantization_config"] is None:
             del d["quantization_config"]
         d["architectures"] = [ARCHITECTURES[self.model_type]]
@@ -253,7 +256,7 @@ class ModelConfig:
     def from_name(cls, name: str, **overrides) -> ModelConfig:
         if name not in PRESETS:
             raise ConfigError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
-        return cls(**{**PRESETS[name], **overrides})
+        return cls(**copy.deepcopy({**PRESETS[name], **overrides}))
 
     def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
