@@ -29,6 +29,19 @@ def test_grouped_experts_match_per_token_reference():
     torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
 
 
+def test_skewed_routing_loop_path_matches_reference():
+    """All tokens on one expert: padding would waste most of the batched matmul, so the per-expert loop runs."""
+    cfg = _cfg(n_routed_experts=8, num_experts_per_tok=2)
+    torch.manual_seed(2)
+    ex = Experts(cfg)
+    torch.nn.init.normal_(ex.gate_up_proj, std=0.2)
+    torch.nn.init.normal_(ex.down_proj, std=0.2)
+    x = torch.randn(20, cfg.hidden_size)
+    idx = torch.stack([torch.tensor([0, 1 + n % 7]) for n in range(20)])
+    w = torch.rand(20, 2)
+    torch.testing.assert_close(ex(x, idx, w), ex.forward_reference(x, idx, w), atol=1e-5, rtol=1e-5)
+
+
 def test_grouped_experts_gradients_match_reference():
     cfg = _cfg(n_routed_experts=4, num_experts_per_tok=2, n_group=2, topk_group=1)
     torch.manual_seed(1)

@@ -94,6 +94,19 @@ def _swiglu(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> t
     return (F.silu(gate) * up) @ w_down.t()
 
 
+def _padded_bmm(xs, expert, counts, w_gu, w_down):
+    """All experts in two batched matmuls over a (E, C, H) buffer padded to the busiest expert's count C.
+    xs (S,H) slots sorted by expert, expert (S,) their expert ids. On CPU this measured 1.2x (fp32) to 1.5x
+    (bf16) faster fwd+bwd than a loop of per-expert matmuls (16 experts, ~256 tokens each)."""
+    E, C = counts.numel(), int(counts.max())
+    start = counts.cumsum(0) - counts                                                    # (E,) first slot
+    row = expert * C + (torch.arange(expert.numel(), device=xs.device) - start[expert])  # slot -> padded row
+    buf = xs.new_zeros(E * C, xs.shape[-1]).index_copy(0, row, xs).view(E, C, -1)       # (E,C,H)
+    gate, up = torch.bmm(buf, w_gu.transpose(1, 2)).chunk(2, dim=-1)                    # (E,C,I) each
+    out = torch.bmm(F.silu(gate) * up, w_down.transpose(1, 2))                           # (E,C,H)
+    return out.view(E * C, -1).index_select(0, row)                                      # (S,H)
+
+
 class Experts(nn.Module):
     """E routed SwiGLU experts stored stacked: gate_up_proj (E, 2I, H) = [gate; up], down_proj (E, H, I)."""
 
@@ -105,8 +118,8 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(E, H, I))
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x (N,H), indices/weights (N,K) -> (N,H). Tokens are sorted by expert, so each expert runs one matmul
-        on a contiguous slice (no Python loop over tokens)."""
+        """x (N,H), indices/weights (N,K) -> (N,H). Token slots are sorted by expert and run as grouped
+        (CUDA), padded-batched or per-expert matmuls on contiguous slices: never a Python loop over tokens."""
         N, K = indices.shape
         flat = indices.reshape(-1)                                                       # (N*K,)
         order = flat.argsort(stable=True)                                                # slots grouped by expert
@@ -121,7 +134,10 @@ class Experts(nn.Module):
             offs = counts.cumsum(0).to(torch.int32)
             gate, up = F.grouped_mm(xs, w_gu.transpose(-2, -1), offs=offs).chunk(2, dim=-1)
             out = F.grouped_mm(F.silu(gate) * up, w_down.transpose(-2, -1), offs=offs)  # (N*K,H)
+        elif counts.numel() * int(counts.max()) <= 2 * flat.numel():
+            out = _padded_bmm(xs, flat[order], counts, w_gu, w_down)
         else:
+            # Skewed load: padding would waste more than half the batched matmul, so loop over experts.
             # unbind once: indexing w[e] per expert would make autograd allocate a zero (E,...) gradient per
             # expert (SelectBackward), which took 150 ms of a 470 ms training step at 16 experts.
             pairs = zip(w_gu.unbind(0), w_down.unbind(0), xs.split(counts.tolist()))
