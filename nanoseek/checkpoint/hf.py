@@ -366,8 +366,6 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, devi
     model is loaded without MTP (model.config.num_nextn_predict_layers = 0) and a warning says so: random MTP
     weights would silently make speculative decoding useless.
     """
-    from nanoseek.model.rope import RotaryEmbedding
-
     path = Path(path)
     _, cfg = config_from_dir(path)
     block = block_size(cfg.quantization_config)
@@ -382,9 +380,8 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, devi
         validate(reader, table, optional, block)
 
         model = meta_model(cfg, dtype).to_empty(device=device)
-        # Meta construction leaves two things to redo: RoPE frequencies are a plain attribute computed in
-        # __init__ (so they are meta tensors), and to_empty gives a tied head its own storage.
-        model.model.rotary = RotaryEmbedding(cfg)
+        # to_empty gives a tied head its own storage: tie it again. (RoPE frequencies are computed on the CPU
+        # whatever the default device, so meta construction leaves them intact.)
         if cfg.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
         state = model.state_dict()
