@@ -14,6 +14,7 @@ from pathlib import Path
 
 from nanoseek.data.tasks.base import Task, TaskItem, check_difficulty, last_boxed
 from nanoseek.errors import ConfigError, DataError
+from nanoseek.data.pretrain import iter_jsonl
 
 QUESTION_KEYS = ("question", "problem", "prompt", "input")
 ANSWER_KEYS = ("answer", "solution", "final_answer", "output")
@@ -41,18 +42,8 @@ def _pick(keys, wanted: str | None, defaults: tuple[str, ...], path, what: str) 
 
 
 def _rows_jsonl(path: Path):
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                msg = e.msg if isinstance(e, json.JSONDecodeError) else "not UTF-8"
-                raise DataError(f"{path}:{lineno}: not valid JSON ({msg})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            yield f"{path}:{lineno}", obj
+    for obj, lineno, _, _ in iter_jsonl(path):
+        yield f"{path}:{lineno}", obj
 
 
 def _rows_json(path: Path):
