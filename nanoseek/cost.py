@@ -41,7 +41,9 @@ GPUS: dict[str, dict[str, float | None]] = {
     "B200": {"bf16": 2250.0, "fp8": 4500.0},
 }
 PRECISIONS = ("bf16", "fp8")
-DEFAULT_MFU = 0.4   # used when neither --mfu nor --gpu-hours-per-trillion is given: V3's implied bf16 MFU, rounded
+# Used when neither --mfu nor --gpu-hours-per-trillion is given: the bf16 MFU implied by the V3 report (180K H800
+# GPU-hours per trillion tokens for the v3 preset at seq 4096 with MTP), so the defaults reproduce 2.664M GPU-hours.
+DEFAULT_MFU = 0.4065
 _SUFFIX = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
 _TOKENS_RE = re.compile(r"^\s*((?:\d+\.?\d*|\.\d+)(?:e[+-]?\d+)?)\s*([KMBGT]?)\s*$", re.IGNORECASE)
 
@@ -202,8 +204,9 @@ def format_table(e: CostEstimate, measured: bool) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="v3", help="preset name (tiny, small, v2-lite, v3), a config.json, "
-                                                 "or a checkpoint dir containing config.json")
+    p.add_argument("--model", "--preset", dest="model", default="v3",
+                   help="preset name (tiny, small, v2-lite, v3), a config.json, "
+                        "or a checkpoint dir containing config.json")
     p.add_argument("--tokens", default="14.8T", help="training tokens, with an optional K/M/B/T suffix")
     p.add_argument("--seq-len", type=int, default=4096, help="training sequence length (attention FLOPs)")
     p.add_argument("--gpu", default="H800", help=f"GPU type: {', '.join(GPUS)}")

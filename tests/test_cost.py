@@ -7,7 +7,7 @@ import pytest
 import nanoseek
 from nanoseek.accounting import count_params, flops_per_token
 from nanoseek.cli import main
-from nanoseek.cost import estimate, load_config, parse_tokens
+from nanoseek.cost import DEFAULT_MFU, estimate, load_config, parse_tokens
 from nanoseek.errors import CheckpointError, ConfigError, NanoseekError
 
 V3_ARGS = ["cost", "--model", "v3", "--tokens", "14.8T", "--gpu", "H800"]
@@ -103,7 +103,7 @@ def test_mtp_flag(capsys):
     assert default["flops_per_token"] == on["flops_per_token"] > off["flops_per_token"]
     assert on["flops_per_token"] - off["flops_per_token"] == on["flops_breakdown"]["mtp"] > 0
     lite = _json(capsys, ["cost", "--model", "v2-lite"])               # no MTP layers: off by default
-    assert lite["mtp"] is False and lite["mfu"] == 0.4
+    assert lite["mtp"] is False and lite["mfu"] == DEFAULT_MFU
 
 
 def test_model_from_config_json_and_dir(tmp_path, capsys):
@@ -136,3 +136,14 @@ def test_library_errors_are_nanoseek_errors(tmp_path):
         load_config(str(tmp_path))
     with pytest.raises(NanoseekError):
         estimate(nanoseek.ModelConfig.from_name("tiny"), 100, mfu=0.4, gpu_hours_per_trillion=1.0)
+
+
+def test_default_mfu_is_the_v3_implied_one_and_reproduces_the_report(capsys):
+    """`nanoseek cost --preset v3 --tokens 14.8e12 --gpu h800`: 671B/37B and 2.664M GPU-hours, $5.3M."""
+    main(["cost", "--preset", "v3", "--gpu-hours-per-trillion", "180000", "--json"])
+    implied = json.loads(capsys.readouterr().out)["mfu"]
+    assert abs(implied - DEFAULT_MFU) < 1e-4
+    main(["cost", "--preset", "v3", "--tokens", "14.8e12", "--gpu", "h800", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert round(out["total_params"] / 1e9) == 671 and round(out["activated_params"] / 1e9) == 37
+    assert round(out["gpu_hours"] / 1e6, 3) == 2.664 and round(out["cost_usd"] / 1e6, 1) == 5.3
