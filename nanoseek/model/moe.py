@@ -142,11 +142,12 @@ class Experts(nn.Module):
             # expert (SelectBackward), which took 150 ms of a 470 ms training step at 16 experts.
             pairs = zip(w_gu.unbind(0), w_down.unbind(0), xs.split(counts.tolist()))
             out = torch.cat([_swiglu(chunk, gu, down) for gu, down, chunk in pairs if chunk.shape[0]])
-        # back to (token, k) order, then the weighted sum over each token's K experts as one batched matmul
+        # back to (token, k) order, then the weighted sum over each token's K experts (a gather instead of a
+        # scatter-add; and mul+sum, as a (N,1,K)@(N,K,H) bmm runs N tiny matmuls in its CPU backward)
         slot = torch.empty_like(order)
         slot[order] = torch.arange(order.numel(), device=order.device)
         out = out.index_select(0, slot).view(N, K, -1)                                   # (N,K,H)
-        return torch.bmm(weights.to(out.dtype).unsqueeze(1), out).squeeze(1)             # (N,H)
+        return (out * weights.to(out.dtype)[..., None]).sum(dim=1)                       # (N,H)
 
     def forward_reference(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Slow, obviously-right path: every token through each of its K experts, one at a time."""
