@@ -1,0 +1,99 @@
+"""Forward+backward speed of nanoseek vs transformers' DeepseekV3ForCausalLM on the same config and weights.
+
+Both models run in one process, interleaved, on the same batches, at equal precision (fp32, then bf16
+autocast); the script prints both times, the ratio, and each side's model FLOPs utilization against this
+machine's matmul peak measured in the same run at that precision.
+
+    python benchmarks/bench_model.py                 # ~18M-param MoE (hidden 256, 8 layers, 16 experts top-4)
+    python benchmarks/bench_model.py --batch 8 --seq 256 --iters 10
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import nanoseek
+from nanoseek.accounting import count_params
+
+
+def bench_config(vocab: int) -> nanoseek.ModelConfig:
+    return nanoseek.ModelConfig.from_name(
+        "small", vocab_size=vocab, hidden_size=256, num_hidden_layers=8, first_k_dense_replace=1,
+        n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2, kv_lora_rank=64, q_lora_rank=128,
+        num_nextn_predict_layers=0)
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 1024, iters: int = 20) -> float:
+    """Sustained GFLOP/s of a square matmul at `dtype`: the machine's practical peak for MFU."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    t = time.perf_counter()
+    for _ in range(iters):
+        a @ b
+    return 2 * n ** 3 * iters / (time.perf_counter() - t) / 1e9
+
+
+def step_time(model, ids, autocast_dtype):
+    t = time.perf_counter()
+    with torch.autocast("cpu", dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        out = model(ids)
+        logits = out if isinstance(out, torch.Tensor) else out.logits
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), ids.flatten())
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return time.perf_counter() - t
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--iters", type=int, default=8)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import transformers
+
+    cfg = bench_config(args.vocab)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        hf = transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(**cfg.to_hf()))
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:        # same weights on both sides, through the real converter
+        hf.save_pretrained(d)
+        ours = nanoseek.load_model(d)
+    hf.train(), ours.train()
+    pc = count_params(cfg)
+    tokens = args.batch * args.seq
+    # training FLOPs per token: 6 x activated non-embedding params + causal attention (3 x 2 x 2 x T/2 x heads x dims)
+    attn = 3 * 2 * cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * args.seq / 2
+    flops_per_token = 6 * pc.activated + attn
+    print(f"config: {pc.total / 1e6:.1f}M params ({pc.activated / 1e6:.1f}M activated), batch {args.batch}x"
+          f"{args.seq}, torch {torch.__version__}, transformers {transformers.__version__}, "
+          f"{torch.get_num_threads()} threads, attn_implementation={hf.config._attn_implementation}")
+    print(f"{'precision':<16}{'nanoseek ms':>12}{'transformers ms':>17}{'speedup':>9}{'peak GF/s':>11}"
+          f"{'MFU ours':>10}{'MFU hf':>8}")
+    g = torch.Generator().manual_seed(0)
+    for name, dt in [("fp32", None), ("bf16 autocast", torch.bfloat16)]:
+        peak = matmul_peak(dt or torch.float32)
+        times = {"ours": [], "hf": []}
+        for i in range(args.iters + 2):
+            ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g)
+            for side, model in (("ours", ours), ("hf", hf)) if i % 2 else (("hf", hf), ("ours", ours)):
+                t = step_time(model, ids, dt)
+                if i >= 2:                            # two warm-up steps
+                    times[side].append(t)
+        ours_t, hf_t = statistics.median(times["ours"]), statistics.median(times["hf"])
+        mfu = lambda t: flops_per_token * tokens / t / (peak * 1e9)  # noqa: E731
+        print(f"{name:<16}{ours_t * 1e3:>12.1f}{hf_t * 1e3:>17.1f}{hf_t / ours_t:>8.2f}x{peak:>11.0f}"
+              f"{mfu(ours_t):>9.1%}{mfu(hf_t):>8.1%}")
+
+
+if __name__ == "__main__":
+    main()
