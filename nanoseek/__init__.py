@@ -13,6 +13,8 @@ _LAZY = {
     "load_model": "nanoseek.checkpoint",
     "save_model": "nanoseek.checkpoint",
     "count_params": "nanoseek.accounting",
+    "LLM": "nanoseek.inference",
+    "SamplingParams": "nanoseek.inference",
 }
 
 

@@ -1,0 +1,166 @@
+"""Model execution for the engine: batches of (sequence, start position, new tokens) through the unchanged model.
+
+A step's sequences are padded into one (B,T) batch. The model's MLA layers get a CacheView as their `cache`: it
+writes the new latents into each sequence's blocks and hands back its whole context gathered into a padded
+(B,S,...) view, with an attention mask (B,1,T,S) that lets query position p see keys 0..p of its own sequence.
+Prefill chunks run the expanded MLA path (one big kv_b_proj matmul, SDPA); decode and speculative verification
+(T = 1 + k) run the absorbed path straight on the latent cache.
+
+Decode writes DecoderLayer.forward out so the MoE can take a decode path (`moe_decode`): on CPU, one token runs
+its K experts directly; on CUDA, `moe_static` runs every (token, expert) pair with no host sync, so the step is
+one static graph that torch.compile (`compile=True`) can take whole. On the CPU measured here (2 cores, torch
+2.13, inductor C++ backend) the compiled step was slower than eager (58 ms vs 7.7 ms at batch 1), so compile is
+opt-in and off by default.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from nanoseek.inference.block_manager import CacheView, PagedLatentCache
+from nanoseek.inference.sequence import Sequence
+from nanoseek.model.moe import MoE, _swiglu
+
+
+@dataclass
+class Batch:
+    ids: torch.Tensor           # (B,T) token ids, 0 in padding
+    positions: torch.Tensor     # (B,T) absolute positions, 0 in padding
+    slots: torch.Tensor         # (B,T) cache slot to write; scratch slot 0 in padding
+    gather: torch.Tensor        # (B,S) cache slot of key position j
+    mask: torch.Tensor          # (B,1,T,S) bool: query may attend key
+    lens: list[int]             # valid new tokens per row
+
+
+def moe_static(moe: MoE, x: torch.Tensor) -> torch.Tensor:
+    """MoE forward without host syncs, for decode-sized batches. x (B,T,H) -> (B,T,H); same math as MoE.forward
+    (held equal by tests/test_engine.py)."""
+    shape = x.shape
+    flat = x.reshape(-1, shape[-1])                                                     # (N,H)
+    weights, indices, _ = moe.gate(flat)                                                # (N,K) fp32, (N,K)
+    ex = moe.experts
+    N, K = indices.shape
+    E = ex.num_experts
+    w_gu, w_down = ex.gate_up_proj, ex.down_proj                                        # (E,2I,H), (E,H,I)
+    if N * K >= E:
+        # most experts are hit: run all of them on every token (reads each expert's weights once)
+        gate, up = torch.einsum("nh,eih->nei", flat, w_gu).chunk(2, dim=-1)             # (N,E,I) x2
+        y = torch.einsum("nei,ehi->neh", F.silu(gate) * up, w_down)                     # (N,E,H)
+        route = torch.zeros(N, E, dtype=weights.dtype, device=x.device).scatter_(1, indices, weights)
+        out = torch.einsum("ne,neh->nh", route.to(y.dtype), y)
+    else:
+        gate, up = torch.einsum("nh,nkih->nki", flat, w_gu[indices]).chunk(2, dim=-1)   # (N,K,I) x2
+        y = torch.einsum("nki,nkhi->nkh", F.silu(gate) * up, w_down[indices])           # (N,K,H)
+        out = torch.einsum("nk,nkh->nh", weights.to(y.dtype), y)
+    out = out.view(shape)
+    if moe.shared_experts is not None:
+        out = out + moe.shared_experts(x)
+    return out
+
+
+def moe_decode(moe: MoE, x: torch.Tensor) -> torch.Tensor:
+    """The decode-step MoE. CUDA: `moe_static` (no host sync, so the step stays capturable). CPU, where a host
+    sync is free: one token runs its K experts straight from the stacked weights (no gather copy, no sort);
+    more tokens take the model's own sort-by-expert dispatch, which reads each active expert once."""
+    if x.is_cuda:
+        return moe_static(moe, x)
+    if x.shape[0] * x.shape[1] > 1:
+        return moe(x)
+    flat = x.reshape(1, -1)                                                             # (1,H)
+    weights, indices, _ = moe.gate(flat)                                                # (1,K)
+    ex = moe.experts
+    out = sum(w * _swiglu(flat, ex.gate_up_proj[e], ex.down_proj[e])
+              for w, e in zip(weights[0].to(x.dtype).unbind(), indices[0].tolist()))
+    if moe.shared_experts is not None:
+        out = out + moe.shared_experts(flat)
+    return out.view(x.shape)
+
+
+class ModelRunner:
+    def __init__(self, model, cache: PagedLatentCache, pending_copies: list[tuple[int, int]],
+                 compile: bool = False):
+        self.model = model
+        self.pending_copies = pending_copies        # the block manager's copy-on-write queue (src, dst)
+        self.cfg = model.config
+        self.cache = cache
+        self.device = next(model.parameters()).device
+        self.block_size = cache.block_size
+        self._decode = self._decode_eager
+        if compile:
+            # dynamic=True: batch size and context length change every step; one graph serves them all
+            self._decode = torch.compile(self._decode_eager, dynamic=True)
+
+    # ----- batch layout -----
+    def make_batch(self, chunks: list[tuple[Sequence, int, list[int]]]) -> Batch:
+        """chunks: (seq, start position, token ids at start, start+1, ...) -> padded Batch."""
+        B = len(chunks)
+        T = max(len(toks) for _, _, toks in chunks)
+        S = max(start + len(toks) for _, start, toks in chunks)
+        bs = self.block_size
+        nb = -(-S // bs)
+        ids = torch.zeros(B, T, dtype=torch.long)
+        pos = torch.zeros(B, T, dtype=torch.long)
+        valid = torch.zeros(B, T, dtype=torch.bool)
+        table = torch.zeros(B, nb, dtype=torch.long)                    # scratch block 0 past each table's end
+        for b, (seq, start, toks) in enumerate(chunks):
+            n = len(toks)
+            ids[b, :n] = torch.tensor(toks)
+            pos[b, :n] = torch.arange(start, start + n)
+            valid[b, :n] = True
+            t = seq.block_table[:nb]
+            table[b, :len(t)] = torch.tensor(t, dtype=torch.long)
+        gather = (table[:, :, None] * bs + torch.arange(bs)).reshape(B, nb * bs)[:, :S]   # (B,S)
+        slots = torch.where(valid, gather.gather(1, pos), 0)
+        mask = torch.arange(S)[None, None, :] <= pos[:, :, None]                          # (B,T,S)
+        dev = self.device
+        return Batch(ids.to(dev), pos.to(dev), slots.to(dev), gather.to(dev), mask[:, None].to(dev),
+                     [len(t) for _, _, t in chunks])
+
+    # ----- forwards -----
+    @torch.no_grad()
+    def forward(self, batch: Batch, absorb: bool) -> torch.Tensor:
+        """Main model -> final-normed hidden states (B,T,H)."""
+        self._copy_pending()
+        if absorb:
+            return self._decode(batch.ids, batch.positions, batch.slots, batch.gather, batch.mask, self.cache.kv)
+        view = self.cache.view(batch.slots, batch.gather)
+        return self.model.model(batch.ids, batch.positions, view, False, batch.mask)
+
+    def _decode_eager(self, ids, positions, slots, gather, mask, kv):
+        """The decode step: DecoderLayer.forward written out so the MoE can take its static path."""
+        m = self.model.model
+        cos, sin = m.rotary(positions)
+        view = CacheView(kv, self.cache.r, slots, gather)
+        h = m.embed_tokens(ids)
+        for layer in m.layers:
+            h = h + layer.self_attn(layer.input_layernorm(h), cos, sin, view, True, mask)
+            x = layer.post_attention_layernorm(h)
+            h = h + (moe_decode(layer.mlp, x) if isinstance(layer.mlp, MoE) else layer.mlp(x))
+        return m.norm(h)
+
+    @torch.no_grad()
+    def forward_mtp(self, depth: int, h_prev: torch.Tensor, batch: Batch, absorb: bool) -> torch.Tensor:
+        """MTP module `depth` (0-based) at batch.positions: h_prev (B,T,H) from the main model (or the previous
+        draft step), batch.ids the next tokens -> h (B,T,H) before the shared head's norm."""
+        self._copy_pending()
+        module = self.model.mtp[depth]
+        cos, sin = self.model.model.rotary(batch.positions)
+        emb = self.model.model.embed_tokens(batch.ids)
+        view = self.cache.view(batch.slots, batch.gather)
+        return module(h_prev, emb, cos, sin, view, absorb, batch.mask)
+
+    @torch.no_grad()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., H) final-normed -> (..., V) fp32."""
+        return self.model.lm_head(hidden).float()
+
+    @torch.no_grad()
+    def mtp_logits(self, depth: int, h: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(self.model.mtp[depth].shared_head.norm(h)).float()
+
+    def _copy_pending(self) -> None:
+        if self.pending_copies:
+            self.cache.copy_blocks(self.pending_copies)
+            self.pending_copies.clear()
