@@ -3,8 +3,9 @@
 One ~18M-parameter MoE checkpoint (hidden 256, 8 layers, 16 experts top-4, vocab 8192) is written by transformers
 and loaded by nanoseek through the real converter. Both sides decode greedily from the same random 32-token prompts
 to exactly 128 new tokens (EOS ignored), at batch 1 and batch 16; runs are interleaved and the best of --repeats
-is kept. Printed: tokens/s for both, the ratio, whether the greedy tokens agree, and KV-cache bytes per token
-measured from each side's allocated cache tensors.
+is kept. Printed: tokens/s for both, the ratio, whether the greedy tokens agree (random weights give near-tied
+logits, so an fp32 rounding difference may flip one), and KV-cache bytes per token measured from each side's
+cache tensors (transformers 5.x also caches MLA's latent for DeepSeek-V3, decompressing it every step).
 
     python benchmarks/bench_decode.py                      # fp32, batch 1 and 16
     python benchmarks/bench_decode.py --dtype bf16 --compile --threads 1
@@ -83,8 +84,10 @@ def main():
           f"{transformers.__version__}, {torch.get_num_threads()} threads, compile={args.compile}, "
           f"{args.prompt_len}-token prompts, {args.new_tokens} new tokens (greedy, EOS ignored)")
     ours_bpt, hf_bpt = llm.engine.kv_cache_bytes_per_token(), hf_cache_bytes_per_token(hf, args.vocab)
-    print(f"KV cache bytes/token: nanoseek {ours_bpt} (latent), transformers {hf_bpt} (full K/V): "
-          f"{hf_bpt / ours_bpt:.1f}x smaller")
+    full = cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * (
+        4 if args.dtype == "fp32" else 2)
+    print(f"KV cache bytes/token (measured from the cache tensors): nanoseek {ours_bpt}, transformers {hf_bpt}; "
+          f"full per-head K/V would be {full} ({full / ours_bpt:.1f}x the latent)")
     print(f"{'batch':>5}{'nanoseek tok/s':>16}{'transformers tok/s':>20}{'speedup':>9}{'same tokens':>13}")
     g = torch.Generator().manual_seed(0)
     for B in args.batches:

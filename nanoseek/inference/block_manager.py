@@ -74,11 +74,10 @@ class CacheView:
 
     def update(self, layer: int, c: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """c (B,T,r), k_pe (B,T,dr) -> all keys c (B,S,r), k_pe (B,S,dr) for `layer`."""
-        kv = self.kv[layer]                                                             # (slots, r+dr)
-        new = torch.cat([c, k_pe], dim=-1).reshape(-1, kv.shape[-1])                    # (B*T, r+dr)
-        kv.index_copy_(0, self.slots, new.to(kv.dtype))
+        new = torch.cat([c, k_pe], dim=-1).reshape(-1, self.kv.shape[-1])               # (B*T, r+dr)
+        self.kv[layer, self.slots] = new.to(self.kv.dtype)
         B, S = self.gather.shape
-        ctx = kv.index_select(0, self.gather.reshape(-1)).view(B, S, -1).to(c.dtype)    # (B,S,r+dr)
+        ctx = self.kv[layer, self.gather].to(c.dtype)                                   # (B,S,r+dr)
         return ctx[..., : self.r], ctx[..., self.r:]
 
 

@@ -33,7 +33,8 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     g.add_argument("--num-speculative-tokens", type=int, default=0,
                    help="MTP draft tokens per step (needs a checkpoint with an MTP module); 0 = off")
-    g.add_argument("--max-model-len", type=int, default=None, help="context length (default: the config's)")
+    g.add_argument("--max-model-len", type=int, default=None,
+                   help="context length; unset: the config's max_position_embeddings")
     g.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
     g.add_argument("--compile", action="store_true", help="torch.compile the decode step")
 

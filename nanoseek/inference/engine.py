@@ -30,7 +30,7 @@ from nanoseek.inference.speculative import MTPDrafter, accept_drafts
 class EngineConfig:
     block_size: int = 16                    # tokens per cache block
     num_blocks: int | None = None           # None: max_num_seqs full contexts, capped by kv_cache_memory_gb
-    kv_cache_memory_gb: float = 1.0
+    kv_cache_memory_gb: float = 0.25        # cap on the cache when num_blocks is None
     kv_cache_dtype: torch.dtype | None = None   # None: the model's dtype
     max_num_seqs: int = 64                  # sequences running at once
     max_num_batched_tokens: int = 1024      # token budget of one step (prefill chunks + decodes)
@@ -198,7 +198,9 @@ class LLMEngine:
             if not seq.is_finished:
                 self.block_manager.commit(seq)
         self.stats["steps"] += 1
-        outputs = [self._output(req) for req in touched.values()]
+        # a request whose prompt is still being prefilled in chunks has nothing to report yet
+        outputs = [self._output(req) for req in touched.values()
+                   if req.finished or any(s.num_output_tokens > s.emitted_token_len for s in req.seqs)]
         for req in touched.values():
             if req.finished:
                 self.requests.pop(req.request_id, None)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from nanoseek.errors import ConfigError
 from nanoseek.inference.block_manager import CacheView, PagedLatentCache
 from nanoseek.inference.sequence import Sequence
 from nanoseek.model.moe import MoE, _swiglu
@@ -64,7 +65,7 @@ def moe_decode(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     """The decode-step MoE. CUDA: `moe_static` (no host sync, so the step stays capturable). CPU, where a host
     sync is free: one token runs its K experts straight from the stacked weights (no gather copy, no sort);
     more tokens take the model's own sort-by-expert dispatch, which reads each active expert once."""
-    if x.is_cuda:
+    if x.is_cuda or torch.compiler.is_compiling():
         return moe_static(moe, x)
     if x.shape[0] * x.shape[1] > 1:
         return moe(x)
@@ -89,6 +90,8 @@ class ModelRunner:
         self.block_size = cache.block_size
         self._decode = self._decode_eager
         if compile:
+            if not torch._dynamo.is_dynamo_supported():
+                raise ConfigError("compile=True: torch.compile is not supported on this platform; drop the option")
             # dynamic=True: batch size and context length change every step; one graph serves them all
             self._decode = torch.compile(self._decode_eager, dynamic=True)
 
