@@ -16,7 +16,16 @@ from nanoseek.errors import NanoseekError
 COMMANDS: dict[str, str] = {
     "convert": "nanoseek.checkpoint.convert",
     "cost": "nanoseek.cost",
+    "pretrain": "nanoseek.recipes.pretrain",
+    "sft": "nanoseek.recipes.sft",
+    "grpo": "nanoseek.recipes.grpo",
+    "sample": "nanoseek.recipes.sample",
+    "distill": "nanoseek.recipes.distill",
     "tokenizer": "nanoseek.tokenizer_cli",
+    "generate": "nanoseek.inference.cli_generate",
+    "chat": "nanoseek.inference.cli_chat",
+    "serve": "nanoseek.inference.server",
+    "eval": "nanoseek.eval.cli",
 }
 
 

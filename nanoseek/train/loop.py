@@ -1,0 +1,128 @@
+"""Helpers every training loop shares: device and precision, seeding and RNG state for exact resume, the
+machine's measured matmul peak and a throughput meter for MFU, and the run's provenance (git revision).
+"""
+from __future__ import annotations
+
+import contextlib
+import random
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from nanoseek.errors import ConfigError
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    """'auto' -> this process's GPU when there is one, else CPU; 'cpu' / 'cuda' as asked."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("device 'cuda': no CUDA GPU is visible; use --device cpu")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    if name != "cpu":
+        raise ConfigError(f"device {name!r}: choose auto, cpu or cuda")
+    return torch.device("cpu")
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """'auto' -> bf16 on GPUs with bf16 support, fp32 on CPU (fp32 is the exact-resume and reference setting;
+    ask for bf16 explicitly on CPUs with AVX512-BF16/AMX)."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    return precision
+
+
+def autocast(device: torch.device, precision: str):
+    """Compute in bf16 under autocast with fp32 master weights; a no-op context for fp32."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------- seeds and RNG state
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)   # seeds every CUDA device too
+
+
+def rng_state() -> dict:
+    """Python and torch (CPU and CUDA) generator states; restored on resume so any sampling continues exactly."""
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------- speed
+def matmul_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, seconds: float = 0.25) -> float:
+    """Sustained FLOP/s of a large square matmul on `device` at `dtype`, measured now: the practical peak that
+    MFU is reported against (a datasheet number would flatter nothing: CPUs rarely reach theirs)."""
+    n = 4096 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(2):
+        a @ b
+    sync()
+    iters, start = 0, time.perf_counter()
+    while True:
+        a @ b
+        iters += 1
+        if iters % 4 == 0:
+            sync()
+            elapsed = time.perf_counter() - start
+            if elapsed >= seconds:
+                return 2 * n ** 3 * iters / elapsed
+
+
+class Throughput:
+    """Tokens/s and MFU of the last step and a smoothed value for the progress bar.
+
+    flops_per_token: model FLOPs of one training token (accounting.flops_per_token); peak_flops: the measured
+    peak of all processes together."""
+
+    def __init__(self, flops_per_token: float, peak_flops: float, smoothing: float = 0.9):
+        self.flops_per_token, self.peak_flops, self.smoothing = flops_per_token, peak_flops, smoothing
+        self.ema: float | None = None
+
+    def update(self, tokens: int, seconds: float) -> tuple[float, float]:
+        """-> (tokens_per_s, mfu) of this step."""
+        tps = tokens / max(seconds, 1e-9)
+        self.ema = tps if self.ema is None else self.smoothing * self.ema + (1 - self.smoothing) * tps
+        return tps, self.mfu(tps)
+
+    def mfu(self, tokens_per_s: float) -> float:
+        return tokens_per_s * self.flops_per_token / self.peak_flops
+
+
+# ----------------------------------------------------------------------------- provenance
+def git_revision(path: str | Path | None = None) -> dict:
+    """{'revision': commit or None, 'dirty': bool or None} of the repository holding `path` (default: nanoseek)."""
+    where = Path(path) if path else Path(__file__).resolve().parent
+
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=where, capture_output=True, text=True, timeout=10)
+
+    try:
+        rev = git("rev-parse", "HEAD")
+        if rev.returncode != 0:
+            return {"revision": None, "dirty": None}
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+        return {"revision": rev.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        return {"revision": None, "dirty": None}

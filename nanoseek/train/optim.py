@@ -1,0 +1,53 @@
+"""AdamW with DeepSeek-V3's settings, and the weight-decay split.
+
+V3 report (section 4.2): AdamW, beta1 0.9, beta2 0.95, weight decay 0.1, gradient clipping at 1.0.
+The report does not say which tensors decay. We decay every matrix (projections, stacked experts, the router,
+the embedding and the head) and no vector (RMSNorm gains, biases), as GPT-3/nanoGPT do: decaying a norm gain pulls
+it toward 0 rather than toward its init of 1. The balancing bias is a buffer, so the optimizer never sees it.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from nanoseek.errors import ConfigError
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two AdamW groups: matrices (dim >= 2) with weight decay, vectors without."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():   # named_parameters dedups tied weights
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, lr: float, betas: tuple[float, float] = (0.9, 0.95),
+                    weight_decay: float = 0.1, eps: float = 1e-8) -> torch.optim.AdamW:
+    """AdamW over `model` (plain, DDP-wrapped or FSDP2-sharded) with the V3 defaults."""
+    if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
+        raise ConfigError(f"adam betas {betas}: each must be in [0, 1)")
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def clip_grad_norm(params, max_norm: float) -> float:
+    """Clip the global gradient norm to max_norm (<= 0: measure only); returns the norm before clipping.
+
+    FSDP2 gradients are DTensors: their norm is a replicated DTensor, read back with full_tensor().
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    total = nn.utils.get_total_norm(grads, norm_type=2.0)
+    if hasattr(total, "full_tensor"):
+        total = total.full_tensor()
+    norm = total.item()
+    if max_norm > 0 and norm > max_norm:
+        # a Python scalar, not a tensor: multiplying DTensor grads by a plain tensor is an error
+        torch._foreach_mul_(grads, max_norm / (norm + 1e-6))
+    return norm

@@ -1,0 +1,112 @@
+"""Training losses and balancing rules against hand-computed values: CE with masks and global normalizers, MTP
+target alignment, V3's sequence-wise balance loss, and the aux-loss-free bias update."""
+import math
+
+import pytest
+import torch
+
+from nanoseek.train.balance import expert_load, load_stats, update_bias
+from nanoseek.train.losses import (cross_entropy, lm_loss, mtp_loss, mtp_targets, sequence_balance_loss,
+                                   target_counts)
+
+
+def test_cross_entropy_by_hand():
+    logits = torch.tensor([[[0.0, 0.0, math.log(2.0)], [1.0, 0.0, 0.0]]])       # (1,2,3)
+    targets = torch.tensor([[2, 1]])
+    ce0 = -math.log(2 / 4)                                                      # softmax [1,1,2]/4 -> 2/4
+    ce1 = -math.log(1 / (math.e + 2))
+    assert cross_entropy(logits, targets).item() == pytest.approx((ce0 + ce1) / 2, rel=1e-6)
+    mask = torch.tensor([[1, 0]])
+    assert cross_entropy(logits, targets, mask).item() == pytest.approx(ce0, rel=1e-6)
+    # a global normalizer: this batch holds 1 of 4 counted tokens
+    assert cross_entropy(logits, targets, mask, normalizer=4).item() == pytest.approx(ce0 / 4, rel=1e-6)
+    # bf16 logits are scored in fp32
+    assert cross_entropy(logits.bfloat16(), targets).dtype == torch.float32
+
+
+def one_hot_logits(ids, V, scale=50.0):
+    return torch.nn.functional.one_hot(ids, V).float() * scale
+
+
+def test_mtp_targets_are_shifted_by_depth():
+    # tokens t0..t5; inputs t0..t4, targets t1..t5. Depth k at position i predicts t_{i+k+1} = targets[:, i+k].
+    tokens = torch.tensor([[10, 11, 12, 13, 14, 15]])
+    targets = tokens[:, 1:]
+    t1, m1 = mtp_targets(targets, None, 1)
+    assert t1.tolist() == [[12, 13, 14, 15]] and m1.tolist() == [[1, 1, 1, 1]]
+    t2, _ = mtp_targets(targets, None, 2)
+    assert t2.tolist() == [[13, 14, 15]]
+
+
+def test_mtp_loss_rewards_the_right_alignment_only():
+    V, T = 20, 6
+    tokens = torch.randint(0, V, (2, T + 1), generator=torch.Generator().manual_seed(0))
+    targets = tokens[:, 1:]                                                      # (B,T)
+    # A perfect depth-k predictor: position i puts all its mass on t_{i+k+1} (the last k positions: anything).
+    perfect = []
+    for k in (1, 2):
+        ids = torch.cat([tokens[:, k + 1:], torch.zeros(2, k, dtype=torch.long)], dim=1)   # (B,T)
+        perfect.append(one_hot_logits(ids, V))
+    assert mtp_loss(perfect, targets).item() < 1e-6
+    shifted = [one_hot_logits(targets, V)] * 2                                  # predicts t_{i+1}: wrong
+    assert mtp_loss(shifted, targets).item() > 10
+    assert mtp_loss([], targets).item() == 0.0
+
+
+def test_micro_batch_pieces_sum_to_the_whole_step_loss():
+    """With the step's global target counts, micro-batch losses add up to the full-batch loss exactly."""
+    g = torch.Generator().manual_seed(1)
+    B, T, V = 4, 7, 11
+    logits, mtp = torch.randn(B, T, V, generator=g), [torch.randn(B, T, V, generator=g)]
+    targets = torch.randint(0, V, (B, T), generator=g)
+    mask = (torch.rand(B, T, generator=g) > 0.3).long()
+    whole, ce, m = lm_loss(logits, mtp, targets, mask, mtp_weight=0.3)
+    assert whole.item() == pytest.approx(ce.item() + 0.3 * m.item(), rel=1e-6)
+    counts = target_counts(mask, 1).tolist()
+    assert counts == [mask.sum().item(), mask[:, 1:].sum().item()]
+    halves = sum(lm_loss(logits[s], [mtp[0][s]], targets[s], mask[s], 0.3, counts)[0]
+                 for s in (slice(0, 1), slice(1, 4)))
+    assert halves.item() == pytest.approx(whole.item(), rel=1e-6)
+    # ... whereas a mean of per-micro-batch means would not be (unequal token counts)
+    naive = sum(lm_loss(logits[s], [mtp[0][s]], targets[s], mask[s], 0.3)[0] for s in (slice(0, 1), slice(1, 4)))
+    assert abs(naive.item() / 2 - whole.item()) > 1e-3
+
+
+def test_sequence_balance_loss_by_hand():
+    # One sequence, T=2 tokens, E=2 experts, K=1.
+    scores = torch.tensor([[[0.6, 0.2], [0.3, 0.3]]], requires_grad=True)
+    # s' = [[0.75, 0.25], [0.5, 0.5]] -> P = [0.625, 0.375]
+    balanced = torch.tensor([[[0], [1]]])        # f = E/(K T) * counts = [1, 1]
+    assert sequence_balance_loss(scores, balanced).item() == pytest.approx(1.0)
+    skewed = torch.tensor([[[0], [0]]])          # f = [2, 0]
+    loss = sequence_balance_loss(scores, skewed)
+    assert loss.item() == pytest.approx(2 * 0.625)
+    loss.backward()                              # gradients through P only (f is a count)
+    assert scores.grad is not None and torch.isfinite(scores.grad).all()
+    # masking the second token: T=1, s' = [0.75, 0.25], f = [2, 0] -> 1.5
+    assert sequence_balance_loss(scores, skewed, mask=torch.tensor([[1, 0]])).item() == pytest.approx(1.5)
+    # two sequences average; a global normalizer divides the sum instead
+    two = torch.cat([scores, scores]).detach()
+    idx = torch.cat([balanced, skewed])
+    assert sequence_balance_loss(two, idx).item() == pytest.approx((1.0 + 1.25) / 2)
+    assert sequence_balance_loss(two, idx, normalizer=5).item() == pytest.approx((1.0 + 1.25) / 5)
+
+
+def test_bias_update_follows_the_sign_of_the_load_error():
+    bias = torch.zeros(4)
+    load = torch.tensor([10.0, 2.0, 4.0, 0.0])   # mean 4: overloaded, under, exact, idle
+    update_bias(bias, load, gamma=0.001)
+    assert bias.tolist() == pytest.approx([-0.001, 0.001, 0.0, 0.001])
+    update_bias(bias, torch.full((4,), 3.0), gamma=0.5)    # balanced: no change
+    assert bias.tolist() == pytest.approx([-0.001, 0.001, 0.0, 0.001])
+
+
+def test_expert_load_and_stats():
+    idx = torch.tensor([[[0, 1], [0, 2]], [[0, 3], [3, 1]]])    # (B=2, T=2, K=2)
+    assert expert_load(idx, 5).tolist() == [3, 2, 1, 2, 0]
+    mask = torch.tensor([[1, 1], [0, 1]])
+    assert expert_load(idx, 5, mask).tolist() == [2, 2, 1, 1, 0]
+    ratio, vio = load_stats(torch.tensor([3.0, 2.0, 1.0, 2.0, 0.0]))
+    assert ratio == 3.0                            # the idle expert counts as one token
+    assert vio == pytest.approx(3 / 1.6 - 1)       # MaxVio = max / mean - 1
+    assert load_stats(torch.full((4,), 7.0)) == (1.0, 0.0)
