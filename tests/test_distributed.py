@@ -1,6 +1,7 @@
 """torchrun --nproc_per_node 2 on CPU (gloo): DDP and FSDP2 reproduce the single-process losses for the same
 global batch, since the data streams, loss normalization and balancing loads do not depend on the process count."""
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -56,6 +57,21 @@ def test_ddp_and_fsdp2_match_one_process(tmp_path, common):
             assert a["load_ratio"] == b["load_ratio"], (name, a["step"])   # loads summed over ranks
     assert ref[-1]["loss"] < ref[0]["loss"]                                  # it trained
     assert (tmp_path / "fsdp" / "final" / "model.safetensors").is_file()     # rank 0 gathered and exported
+
+
+def test_fsdp2_checkpoint_resumes_in_one_process(tmp_path, common):
+    """A checkpoint holds full (unsharded) state and every data stream, so a run saved by 2 FSDP2 processes
+    continues in 1 process with the same losses."""
+    torchrun(2, *common, "--fsdp", "--save-every", "2", "--keep-last", "5", "--out", str(tmp_path))
+    ref = read_metrics(tmp_path)
+    for step in (4, 5):
+        shutil.rmtree(tmp_path / "checkpoints" / f"step_{step:08d}")
+    launch([sys.executable, "-m", "nanoseek", *common, "--resume", "--no-fsdp", "--out", str(tmp_path)])
+    run = read_metrics(tmp_path)
+    assert [r["step"] for r in run] == [1, 2, 3, 4, 5]
+    assert run[:2] == ref[:2]                                                # kept from before the resume
+    for a, b in zip(ref[2:], run[2:]):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"]), (a["step"], a["loss"], b["loss"])
 
 
 def test_batch_not_divisible_by_processes_is_one_line(tmp_path, common):

@@ -10,6 +10,11 @@ The V3 recipe (DeepSeek-V3 report, sections 2-4):
   AdamW (0.9, 0.95), weight decay 0.1, gradient clip 1.0; documents packed into rows with no cross-document
   attention mask (as V3: "we do not incorporate cross-sample attention masking").
 
+Run dir (--out): metrics.jsonl (one line per step), loss.png and expert_load.png, config.yaml (resolved; the base
+of --resume), run.json (git revision, launches), tokenizer/, checkpoints/step_N/ (atomic, newest --keep-last),
+final/ (HF format with the tokenizer, written at the end). `--resume --steps N` on a run already at step N
+trains nothing and re-exports its latest checkpoint to final/.
+
 Data layout: the global batch of B sequences is dealt into B / micro_batch_size streams, one per (rank,
 micro-step); each stream is a rank-sharded PretrainLoader over its own share of the documents. A step therefore
 sees the same sequences for any number of processes that divides the streams: adding processes changes the
@@ -94,6 +99,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     from nanoseek.data.pretrain import PretrainLoader, expand_paths, synthetic_corpus
     from nanoseek.parallel import distributed as D
     from nanoseek.parallel import grad_sync, parallelize
+    from nanoseek.parallel.wrap import check_options
     from nanoseek.train import run as R
     from nanoseek.train.balance import LoadBalancer
     from nanoseek.train.loop import Throughput, autocast, matmul_peak_flops, resolve_precision, seed_all
@@ -104,6 +110,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
 
     # ------------------------------------------------------------------ setup: checks first, before any work
     dist = D.init_distributed(cfg.device)
+    check_options(dist, fsdp=cfg.fsdp, fp8=cfg.fp8)
     run_dir = Path(cfg.out)
     micro = cfg.micro_batch_size or max(cfg.batch_size // dist.world_size, 1)
     if cfg.batch_size % (dist.world_size * micro):
@@ -194,7 +201,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
         # Target counts of the whole step (all micro-batches, all ranks): each micro-batch's loss is its sum of
         # token losses over these, so the pieces add up to exactly the step's mean loss.
         counts = D.all_reduce_sum(sum(target_counts(b.target_mask, depth) for b in batches)).tolist()
-        parts = torch.zeros(4, dtype=torch.float64)                               # loss, ce, mtp, balance
+        parts = torch.zeros(4, dtype=torch.float64, device=dist.device)           # loss, ce, mtp, balance
         for i, b in enumerate(batches):
             inputs, targets, mask = (t.to(dist.device) for t in (b.inputs, b.targets, b.target_mask))
             with grad_sync(train_model, sync=i == len(batches) - 1):
@@ -205,7 +212,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
                     total = total + bal
                 # DDP and FSDP2 average gradients over ranks; our losses are already global means, so undo it.
                 (total * dist.world_size).backward()
-            parts += torch.stack([total.detach(), ce.detach(), mtp.detach(), bal.detach()]).double().cpu()
+            parts += torch.stack([total.detach(), ce.detach(), mtp.detach(), bal.detach()]).double()
         grad_norm = clip_grad_norm(list(train_model.parameters()), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
