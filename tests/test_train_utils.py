@@ -1,13 +1,11 @@
 """Training library pieces: schedules, optimizer groups and clipping, run configs (YAML + flags), metrics and
 plots, atomic keep-last-K checkpoints (also when the writer is killed mid-write), and the load balancer."""
 import argparse
-import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 import torch

@@ -51,9 +51,11 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum over ranks (a new tensor; the input is left alone)."""
     if not dist.is_initialized():
         return t
-    out = t.clone()
+    # NCCL reduces GPU tensors only; small CPU tensors (token counts, logged losses) take a round trip.
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else t.device
+    out = t.to(dev, copy=True)
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
-    return out
+    return out.to(t.device)
 
 
 def all_gather_objects(obj) -> list:

@@ -28,19 +28,30 @@ def apply_fp8(model: nn.Module, device: torch.device) -> None:
     Left in high precision: the lm_head (its logits feed the loss directly; torchtitan keeps it too), the router
     (fp32 by design, and not an nn.Linear), the stacked routed experts (not nn.Linear), and layers whose sizes
     are not multiples of 16 (a float8 GEMM requirement)."""
-    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
-        raise ConfigError("--fp8 needs a CUDA GPU with compute capability 8.9 or newer (H100, L40S, RTX 4090); "
-                          "leave it off on this machine")
-    try:
-        from torchao.float8 import convert_to_float8_training
-    except ImportError:
-        raise ConfigError("--fp8 needs torchao: pip install torchao") from None
+    check_options(DistInfo(0, 1, 0, device), fp8=True)
+    from torchao.float8 import convert_to_float8_training
 
     def keep(module: nn.Module, fqn: str) -> bool:
         return (isinstance(module, nn.Linear) and fqn != "lm_head"
                 and module.in_features % 16 == 0 and module.out_features % 16 == 0)
 
     convert_to_float8_training(model, module_filter_fn=keep)
+
+
+def check_options(dist_info: DistInfo, *, fsdp: bool = False, fp8: bool = False) -> None:
+    """ConfigError, before any work, for options this machine or launch cannot honour."""
+    device = dist_info.device
+    if fp8:
+        if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
+            raise ConfigError("--fp8 needs a CUDA GPU with compute capability 8.9 or newer (H100, L40S, RTX 4090); "
+                              "leave it off on this machine")
+        try:
+            import torchao.float8  # noqa: F401
+        except ImportError:
+            raise ConfigError("--fp8 needs torchao: pip install torchao") from None
+    if fsdp and not dist_info.distributed:
+        raise ConfigError("--fsdp shards over processes: launch with torchrun --nproc_per_node N, or pass "
+                          "--no-fsdp (a resumed run keeps the fsdp setting it saved)")
 
 
 def apply_activation_checkpointing(model: nn.Module) -> None:
@@ -79,6 +90,7 @@ def parallelize(model: nn.Module, dist_info: DistInfo, *, fsdp: bool = False, co
                 activation_checkpointing: bool = False, fp8: bool = False) -> nn.Module:
     """Apply the requested wrappers; returns the module to call for training (a DDP wrapper under torchrun
     without fsdp, else `model` itself). `model` stays the underlying DeepseekForCausalLM either way."""
+    check_options(dist_info, fsdp=fsdp, fp8=fp8)
     if fp8:
         apply_fp8(model, dist_info.device)
     if activation_checkpointing:
@@ -86,8 +98,6 @@ def parallelize(model: nn.Module, dist_info: DistInfo, *, fsdp: bool = False, co
     if compile:
         apply_compile(model)
     if not dist_info.distributed:
-        if fsdp:
-            raise ConfigError("--fsdp shards over processes: launch with torchrun --nproc_per_node N")
         return model
     if fsdp:
         apply_fsdp(model, dist_info)
