@@ -13,19 +13,13 @@ cache tensors (transformers 5.x also caches MLA's latent for DeepSeek-V3, decomp
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 
 import torch
 
 import nanoseek
 
-
-def bench_config(vocab: int) -> nanoseek.ModelConfig:
-    return nanoseek.ModelConfig.from_name(
-        "small", vocab_size=vocab, hidden_size=256, num_hidden_layers=8, first_k_dense_replace=1,
-        n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2, kv_lora_rank=64, q_lora_rank=128,
-        num_nextn_predict_layers=0)
+from common import bench_config, hf_twin  # noqa: E402  (benchmarks/ holds scripts)
 
 
 def hf_cache_bytes_per_token(hf, vocab: int) -> int:
@@ -72,11 +66,7 @@ def main():
 
     dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
     cfg = bench_config(args.vocab)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        hf = transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(**cfg.to_hf()))
-    with tempfile.TemporaryDirectory() as d:          # same weights on both sides, through the real converter
-        hf.save_pretrained(d)
+    with hf_twin(cfg) as (hf, d):                   # same weights on both sides, through the real converter
         llm = nanoseek.LLM(d, dtype=dtype, max_model_len=args.prompt_len + args.new_tokens + 8, compile=args.compile)
     hf = hf.to(dtype).eval()
     n_params = sum(p.numel() for p in llm.model.parameters())

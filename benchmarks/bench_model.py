@@ -18,23 +18,7 @@ import torch
 import nanoseek
 from nanoseek.accounting import count_params
 
-
-def bench_config(vocab: int) -> nanoseek.ModelConfig:
-    return nanoseek.ModelConfig.from_name(
-        "small", vocab_size=vocab, hidden_size=256, num_hidden_layers=8, first_k_dense_replace=1,
-        n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2, kv_lora_rank=64, q_lora_rank=128,
-        num_nextn_predict_layers=0)
-
-
-def matmul_peak(dtype: torch.dtype, n: int = 1024, iters: int = 20) -> float:
-    """Sustained GFLOP/s of a square matmul at `dtype`: the machine's practical peak for MFU."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    t = time.perf_counter()
-    for _ in range(iters):
-        a @ b
-    return 2 * n ** 3 * iters / (time.perf_counter() - t) / 1e9
+from common import bench_config, hf_twin, matmul_peak  # noqa: E402  (benchmarks/ holds scripts)
 
 
 def step_time(model, ids, autocast_dtype):
@@ -61,12 +45,7 @@ def main():
     import transformers
 
     cfg = bench_config(args.vocab)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        hf = transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(**cfg.to_hf()))
-    import tempfile
-    with tempfile.TemporaryDirectory() as d:        # same weights on both sides, through the real converter
-        hf.save_pretrained(d)
+    with hf_twin(cfg) as (hf, d):                   # same weights on both sides, through the real converter
         ours = nanoseek.load_model(d)
     hf.train(), ours.train()
     pc = count_params(cfg)

@@ -33,7 +33,7 @@ from nanoseek.accounting import count_params
 from nanoseek.tokenizer import train_tokenizer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_model import bench_config  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
+from common import bench_config  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
 
 MODEL = "bench"
 

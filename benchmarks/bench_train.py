@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import time
 
 import torch
@@ -29,15 +28,9 @@ from nanoseek.train.loop import autocast, matmul_peak_flops
 from nanoseek.train.losses import cross_entropy
 from nanoseek.train.optim import build_optimizer, clip_grad_norm
 
+from common import bench_config, hf_twin  # noqa: E402  (benchmarks/ holds scripts)
+
 CPU = torch.device("cpu")
-
-
-def bench_config(vocab: int) -> nanoseek.ModelConfig:
-    """The model benchmark's config (benchmarks/bench_model.py), without MTP."""
-    return nanoseek.ModelConfig.from_name(
-        "small", vocab_size=vocab, hidden_size=256, num_hidden_layers=8, first_k_dense_replace=1,
-        n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2, kv_lora_rank=64, q_lora_rank=128,
-        num_nextn_predict_layers=0)
 
 
 class Side:
@@ -81,11 +74,7 @@ def main():
     import transformers
 
     cfg = bench_config(args.vocab)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        hf = transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(**cfg.to_hf()))
-    with tempfile.TemporaryDirectory() as d:        # same weights on both sides, through the real converter
-        hf.save_pretrained(d)
+    with hf_twin(cfg) as (hf, d):                   # same weights on both sides, through the real converter
         ours = nanoseek.load_model(d)
     sides = {"ours": Side(ours, args.lr, LoadBalancer(ours)), "hf": Side(hf, args.lr)}
 

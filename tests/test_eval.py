@@ -6,15 +6,12 @@ import contextlib
 import io
 import json
 import math
-import socket
-import threading
-import time
 
 import pytest
 import torch
-import uvicorn
 
 import nanoseek
+from servers import serve
 from nanoseek.cli import main
 from nanoseek.data.pretrain import synthetic_corpus
 from nanoseek.data.tasks import get_task
@@ -158,26 +155,6 @@ def test_cli_json_matches_python_api(ckpt, llm):
     assert (res["n"], res["k"], res["task"], res["seed"]) == (4, 1, "arithmetic", 0)
     want = evaluate(llm, get_task("arithmetic").generate(**ITEMS), max_new_tokens=10)
     assert res["pass_at_1"] == want["pass_at_1"] and res["answered"] == want["answered"]
-
-
-@contextlib.contextmanager
-def serve(app):
-    """Run `app` under uvicorn in a thread on a free loopback port (the socket is bound first: no race)."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.02)
-    try:
-        yield sock.getsockname()[1]
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
 
 
 def test_endpoint_matches_local_engine(ckpt, llm):

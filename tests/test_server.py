@@ -14,16 +14,14 @@ import re
 import socket
 import subprocess
 import sys
-import threading
 import time
-from contextlib import contextmanager
 
 import openai
 import pytest
 import torch
-import uvicorn
 
 import nanoseek
+from servers import serve
 from nanoseek.chat import render_text
 from nanoseek.data.pretrain import synthetic_corpus
 from nanoseek.inference.protocol import TokenText
@@ -41,26 +39,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-@contextmanager
-def serve(app):
-    """Run `app` under uvicorn in a thread on a free loopback port (the socket is bound first: no race)."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.02)
-    try:
-        yield sock.getsockname()[1]
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
 
 
 def raw(port, method, path, body=None, headers=None):

@@ -1,0 +1,44 @@
+"""What the benchmarks share: the ~18M-parameter MoE config, the machine's measured matmul peak, and a
+transformers twin of that config whose weights reach nanoseek through the real converter."""
+from __future__ import annotations
+
+import contextlib
+import tempfile
+import time
+
+import torch
+
+import nanoseek
+
+
+def bench_config(vocab: int = 8192) -> nanoseek.ModelConfig:
+    """hidden 256, 8 layers (1 dense), 16 routed experts top-4 in 4 groups (top-2 groups), kv_lora 64, q_lora 128."""
+    return nanoseek.ModelConfig.from_name(
+        "small", vocab_size=vocab, hidden_size=256, num_hidden_layers=8, first_k_dense_replace=1,
+        n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2, kv_lora_rank=64, q_lora_rank=128,
+        num_nextn_predict_layers=0)
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 1024, iters: int = 20) -> float:
+    """Sustained GFLOP/s of a square matmul at `dtype`: the machine's practical peak for MFU."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    t = time.perf_counter()
+    for _ in range(iters):
+        a @ b
+    return 2 * n ** 3 * iters / (time.perf_counter() - t) / 1e9
+
+
+@contextlib.contextmanager
+def hf_twin(cfg: nanoseek.ModelConfig, seed: int = 0):
+    """Yield (transformers DeepseekV3ForCausalLM, its HF-format dir): load the dir with nanoseek to get the same
+    weights on both sides."""
+    import transformers
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        hf = transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(**cfg.to_hf()))
+    with tempfile.TemporaryDirectory() as d:
+        hf.save_pretrained(d)
+        yield hf, d
