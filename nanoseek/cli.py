@@ -26,6 +26,7 @@ COMMANDS: dict[str, str] = {
     "chat": "nanoseek.inference.cli_chat",
     "serve": "nanoseek.inference.server",
     "eval": "nanoseek.eval.cli",
+    "demo": "nanoseek.recipes.demo",
 }
 
 
