@@ -183,9 +183,10 @@ def test_cache_bytes_per_token_and_v3_ratio():
     model = tiny_model().to(torch.bfloat16)
     cfg = model.config
     eng = engine(model)
-    kv = eng.cache.kv
-    assert kv.dtype == torch.bfloat16
-    measured = kv.numel() * kv.element_size() / (eng.cache.num_blocks * eng.cache.block_size)
+    kv = eng.cache.kv                                                   # one tensor per layer
+    assert len(kv) == cfg.num_hidden_layers                          # no speculation: no MTP slot
+    assert all(t.dtype == torch.bfloat16 for t in kv)
+    measured = sum(t.numel() * t.element_size() for t in kv) / (eng.cache.num_blocks * eng.cache.block_size)
     assert measured == eng.kv_cache_bytes_per_token() == 2 * cfg.num_hidden_layers * (
         cfg.kv_lora_rank + cfg.qk_rope_head_dim)
     done = run(eng, {"x": ([4, 5, 6], SamplingParams(max_tokens=3, **GREEDY))})      # and it decodes in bf16
@@ -227,3 +228,30 @@ def test_decode_moe_paths_match_model_moe(model, n_tokens):
     x = torch.randn(n_tokens, 1, model.config.hidden_size)
     torch.testing.assert_close(moe_static(moe, x), moe(x), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(moe_decode(moe, x), moe(x), atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_compiled_decode_matches_eager_with_few_graphs(model):
+    """compile=True: the same greedy tokens as the eager engine, batch 1 and mixed batches, and at most three graphs
+    (batch 1; batches below E/K, which gather their experts; the rest, which run every expert), not one per
+    batch size or context length; the new latents land in the engine's own cache tensors."""
+    from torch._dynamo.utils import counters
+
+    if not torch._dynamo.is_dynamo_supported():
+        pytest.skip("torch.compile is not supported here")
+    torch._dynamo.reset()
+    counters.clear()
+    eager, compiled = engine(model), engine(model, compile=True)
+    cfg = model.config
+    batches = [prompts(1, seed=1), prompts(2, seed=2), prompts(7, seed=3), prompts(3, lo=20, hi=60, seed=4)]
+    for ps in batches:
+        reqs = {str(i): (p, SamplingParams(max_tokens=6, **GREEDY)) for i, p in enumerate(ps)}
+        want, got = run(eager, reqs), run(compiled, reqs)
+        assert {k: v.outputs[0].token_ids for k, v in got.items()} == \
+               {k: v.outputs[0].token_ids for k, v in want.items()}
+    assert 7 * cfg.num_experts_per_tok >= cfg.n_routed_experts > 2 * cfg.num_experts_per_tok   # all 3 paths ran
+    assert counters["stats"]["unique_graphs"] <= 3
+    kv0 = compiled.cache.kv[0]
+    ptr = kv0.data_ptr()
+    run(compiled, {"x": (prompts(1, seed=5)[0], SamplingParams(max_tokens=3, **GREEDY))})
+    assert compiled.cache.kv[0].data_ptr() == ptr and kv0.abs().sum() > 0

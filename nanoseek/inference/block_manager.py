@@ -38,23 +38,28 @@ class Block:
 
 
 class PagedLatentCache:
-    """kv: (n_layers, num_blocks * block_size, r + dr), zero-initialized so that padded reads are finite."""
+    """kv: one (num_blocks * block_size, r + dr) tensor per layer, zero-initialized so that padded reads are finite.
+
+    One tensor per layer, not one stacked tensor: a write into a slice of a stacked tensor is, to torch.compile,
+    a mutation of a view of the whole cache, and the compiled decode step then copied the entire cache every
+    step (15 ms a step at 18M params); writes straight into a layer's own tensor are done in place."""
 
     def __init__(self, n_layers: int, num_blocks: int, block_size: int, kv_lora_rank: int, rope_dim: int,
                  dtype: torch.dtype, device: torch.device | str):
         self.block_size, self.num_blocks, self.r = block_size, num_blocks, kv_lora_rank
-        self.kv = torch.zeros(n_layers, num_blocks * block_size, kv_lora_rank + rope_dim, dtype=dtype,
-                              device=device)
+        self.kv = [torch.zeros(num_blocks * block_size, kv_lora_rank + rope_dim, dtype=dtype, device=device)
+                   for _ in range(n_layers)]
 
     def nbytes_per_token(self) -> int:
         """Bytes of cache one token occupies across all layer slots, measured from the allocated tensor."""
-        return self.kv.numel() * self.kv.element_size() // (self.num_blocks * self.block_size)
+        return sum(t.numel() * t.element_size() for t in self.kv) // (self.num_blocks * self.block_size)
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy-on-write: copy every layer's rows of block src into block dst."""
         bs = self.block_size
         for src, dst in pairs:
-            self.kv[:, dst * bs:(dst + 1) * bs] = self.kv[:, src * bs:(src + 1) * bs]
+            for t in self.kv:
+                t[dst * bs:(dst + 1) * bs] = t[src * bs:(src + 1) * bs]
 
     def view(self, slots: torch.Tensor, gather: torch.Tensor) -> "CacheView":
         return CacheView(self.kv, self.r, slots, gather)
@@ -68,16 +73,16 @@ class CacheView:
     sequence (scratch beyond its length; the attention mask hides those keys).
     """
 
-    def __init__(self, kv: torch.Tensor, r: int, slots: torch.Tensor, gather: torch.Tensor):
+    def __init__(self, kv: list[torch.Tensor], r: int, slots: torch.Tensor, gather: torch.Tensor):
         self.kv, self.r = kv, r
         self.slots, self.gather = slots.reshape(-1), gather
 
     def update(self, layer: int, c: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """c (B,T,r), k_pe (B,T,dr) -> all keys c (B,S,r), k_pe (B,S,dr) for `layer`."""
-        new = torch.cat([c, k_pe], dim=-1).reshape(-1, self.kv.shape[-1])               # (B*T, r+dr)
-        self.kv[layer, self.slots] = new.to(self.kv.dtype)
-        B, S = self.gather.shape
-        ctx = self.kv[layer, self.gather].to(c.dtype)                                   # (B,S,r+dr)
+        kv = self.kv[layer]                                                             # (slots, r+dr)
+        new = torch.cat([c, k_pe], dim=-1).reshape(-1, kv.shape[-1])                    # (B*T, r+dr)
+        kv.index_copy_(0, self.slots, new.to(kv.dtype))
+        ctx = kv[self.gather].to(c.dtype)                                               # (B,S,r+dr)
         return ctx[..., : self.r], ctx[..., self.r:]
 
 

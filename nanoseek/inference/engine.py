@@ -272,7 +272,7 @@ class LLMEngine:
         seed = seq.params.seed
         if seed is not None:
             # one stream per completion, fixed by (seed, index): independent of batch and arrival order
-            seq.generator = torch.Generator(device=self.cache.kv.device)
+            seq.generator = torch.Generator(device=self.cache.kv[0].device)
             seq.generator.manual_seed((seed + seq.index * 0x9E3779B97F4A7C15) % 2 ** 63)
 
     def _fork(self, seq: Sequence, num_computed: int) -> list[Sequence]:

@@ -127,6 +127,15 @@ class LLM:
 
         return render(self.tokenizer, messages, add_generation_prompt=True)[0]
 
+    def warmup(self) -> None:
+        """Decode a few tokens at the batch sizes that select each compiled graph (1, 2, and E/K where the MoE
+        switches to running every expert), so that a compiled engine compiles now rather than on live requests."""
+        cfg = self.model.config
+        sizes = {1, 2, max(2, -(-cfg.n_routed_experts // max(cfg.num_experts_per_tok, 1)))}
+        params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+        for b in sorted(n for n in sizes if n <= self.engine.config.max_num_seqs):
+            self.generate([[3 + i, 4 + i] for i in range(b)], params)
+
     @property
     def acceptance_rate(self) -> float | None:
         """Fraction of MTP draft tokens accepted so far (None without speculation)."""

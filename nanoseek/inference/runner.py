@@ -7,10 +7,10 @@ Prefill chunks run the expanded MLA path (one big kv_b_proj matmul, SDPA); decod
 (T = 1 + k) run the absorbed path straight on the latent cache.
 
 Decode writes DecoderLayer.forward out so the MoE can take a decode path (`moe_decode`): on CPU, one token runs
-its K experts directly; on CUDA, `moe_static` runs every (token, expert) pair with no host sync, so the step is
-one static graph that torch.compile (`compile=True`) can take whole. On the CPU measured here (2 cores, torch
-2.13, inductor C++ backend) the compiled step was slower than eager (58 ms vs 7.7 ms at batch 1), so compile is
-opt-in and off by default.
+its K experts directly; on CUDA and under torch.compile (`compile=True`), `moe_static` runs with no host sync,
+so the step is one static graph. On the CPU measured here (2 cores, torch 2.13, inductor C++ backend) the
+compiled step is ~2x faster than eager at batch 1 (benchmarks/RESULTS.md), but each of its (at most three)
+graphs takes ~20 s to compile on first use, so compile is opt-in: worth it for serving and long generations.
 """
 from __future__ import annotations
 
@@ -35,9 +35,10 @@ class Batch:
     lens: list[int]             # valid new tokens per row
 
 
-def moe_static(moe: MoE, x: torch.Tensor) -> torch.Tensor:
+def moe_static(moe: MoE, x: torch.Tensor, dense: bool | None = None) -> torch.Tensor:
     """MoE forward without host syncs, for decode-sized batches. x (B,T,H) -> (B,T,H); same math as MoE.forward
-    (held equal by tests/test_engine.py)."""
+    (held equal by tests/test_engine.py). dense: run every expert on every token (default: when most experts are
+    hit); fixing it keeps a compiled step to one graph for every batch size."""
     shape = x.shape
     flat = x.reshape(-1, shape[-1])                                                     # (N,H)
     weights, indices, _ = moe.gate(flat)                                                # (N,K) fp32, (N,K)
@@ -45,7 +46,7 @@ def moe_static(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     N, K = indices.shape
     E = ex.num_experts
     w_gu, w_down = ex.gate_up_proj, ex.down_proj                                        # (E,2I,H), (E,H,I)
-    if N * K >= E:
+    if dense if dense is not None else N * K >= E:
         # most experts are hit: run all of them on every token (reads each expert's weights once)
         gate, up = torch.einsum("nh,eih->nei", flat, w_gu).chunk(2, dim=-1)             # (N,E,I) x2
         y = torch.einsum("nei,ehi->neh", F.silu(gate) * up, w_down)                     # (N,E,H)
@@ -62,9 +63,11 @@ def moe_static(moe: MoE, x: torch.Tensor) -> torch.Tensor:
 
 
 def moe_decode(moe: MoE, x: torch.Tensor) -> torch.Tensor:
-    """The decode-step MoE. CUDA: `moe_static` (no host sync, so the step stays capturable). CPU, where a host
-    sync is free: one token runs its K experts straight from the stacked weights (no gather copy, no sort);
-    more tokens take the model's own sort-by-expert dispatch, which reads each active expert once."""
+    """The decode-step MoE. CUDA, and inside a compiled step: `moe_static` (no host sync, so the step is one
+    graph; its gather/dense choice depends only on the batch size, so a compiled step has at most three graphs:
+    batch 1, batches below E/K, the rest). Eager CPU, where a host sync is free: one token runs its K experts
+    straight from the stacked weights (no gather copy, no sort); more tokens take the model's own sort-by-expert
+    dispatch, which reads each active expert once."""
     if x.is_cuda or torch.compiler.is_compiling():
         return moe_static(moe, x)
     if x.shape[0] * x.shape[1] > 1:
@@ -114,7 +117,7 @@ class ModelRunner:
             valid[b, :n] = True
             t = seq.block_table[:nb]
             table[b, :len(t)] = torch.tensor(t, dtype=torch.long)
-        gather = (table[:, :, None] * bs + torch.arange(bs)).reshape(B, nb * bs)[:, :S]   # (B,S)
+        gather = (table[:, :, None] * bs + torch.arange(bs)).reshape(B, nb * bs)[:, :S].contiguous()   # (B,S)
         slots = torch.where(valid, gather.gather(1, pos), 0)
         mask = torch.arange(S)[None, None, :] <= pos[:, :, None]                          # (B,T,S)
         dev = self.device

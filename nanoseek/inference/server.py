@@ -42,6 +42,8 @@ class ServeConfig:
     num_speculative_tokens: int = option(0, "MTP draft tokens per step (checkpoints with MTP modules); 0: off")
     dtype: str = option("auto", "weights dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
     device: str | None = option(None, "cpu or cuda; None: cuda when available")
+    compile: bool = option(False, "torch.compile the decode step, compiled at startup (~20 s per graph on CPU; "
+                                  "then ~2x faster decoding at small batches)")
     ui: bool = option(True, "serve the chat web page at / (--no-ui: API only)")
     max_body_mb: float = option(8.0, "largest request body accepted (413 above it)")
     log_level: str = option("info", "uvicorn log level", ("critical", "error", "warning", "info", "debug"))
@@ -399,7 +401,11 @@ def run(args: argparse.Namespace) -> int:
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
     llm = LLM(args.path, dtype=dtype, device=device, max_num_seqs=cfg.max_num_seqs,
               max_model_len=cfg.max_model_len, max_num_batched_tokens=cfg.max_num_batched_tokens,
-              kv_cache_memory_gb=cfg.kv_cache_memory_gb, num_speculative_tokens=cfg.num_speculative_tokens)
+              kv_cache_memory_gb=cfg.kv_cache_memory_gb, num_speculative_tokens=cfg.num_speculative_tokens,
+              compile=cfg.compile)
+    if cfg.compile:
+        print("nanoseek serve: compiling the decode step ...", flush=True)
+        llm.warmup()
     api_key = cfg.api_key or os.environ.get("NANOSEEK_API_KEY") or None
     if not api_key and cfg.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s without an API key: anyone who can reach it can use it", cfg.host)
