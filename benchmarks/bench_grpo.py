@@ -3,7 +3,7 @@ completion length and learning rate, in one run. Prints completions/s and second
 
     pip install trl          # benchmark only; nanoseek never imports it
     python benchmarks/bench_grpo.py [--model tiny] [--steps 6] [--group-size 8] [--prompts-per-step 4]
-                                    [--max-new-tokens 32]
+                                    [--max-new-tokens 32] [--compile-rollouts]
 
 Completions/s counts every completion of a step over the whole step's wall time (generation + scoring +
 update), measured after one warm-up step. Both sample at temperature 1 with no EOS early exit forced
@@ -50,7 +50,7 @@ def bench_nanoseek(model_dir: Path, args, root: Path) -> dict:
     cfg = GRPOConfig(model=str(model_dir), out=str(root / "nanoseek"), steps=args.steps + 1, save_every=0,
                      lr=args.lr, group_size=args.group_size, prompts_per_step=args.prompts_per_step,
                      max_new_tokens=args.max_new_tokens, seq_len=512, progress=False, device="cpu",
-                     precision="fp32")
+                     precision="fp32", compile_rollouts=args.compile_rollouts)
     grpo(cfg, reward_fns={digits: 1.0})
     recs = read_metrics(cfg.out)[1:]                               # drop the warm-up step
     step = sum(r["step_time"] for r in recs) / len(recs)
@@ -109,6 +109,8 @@ def main() -> None:
     p.add_argument("--prompts-per-step", type=int, default=4, help="prompts per step")
     p.add_argument("--max-new-tokens", type=int, default=32, help="completion length cap")
     p.add_argument("--lr", type=float, default=1e-4, help="learning rate (both)")
+    p.add_argument("--compile-rollouts", action="store_true",
+                   help="nanoseek: torch.compile the rollout engine (compiled before the first step, not timed)")
     args = p.parse_args()
     torch.manual_seed(0)
     root = Path(tempfile.mkdtemp(prefix="bench_grpo_"))
@@ -119,7 +121,7 @@ def main() -> None:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print(f"model {args.model}, G={args.group_size}, P={args.prompts_per_step}, max_new_tokens={args.max_new_tokens}, "
-          f"{args.steps} timed steps, torch {torch.__version__}, {torch.get_num_threads()} threads")
+          f"{args.steps} timed steps, compile_rollouts={args.compile_rollouts}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"{'':10s} {'s/step':>8s} {'completions/s':>14s}")
     print(f"{'nanoseek':10s} {ns['step_s']:8.3f} {ns['completions_per_s']:14.1f}   (rollout alone: "
           f"{ns['rollout_completions_per_s']:.1f} completions/s)")

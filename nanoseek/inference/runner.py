@@ -96,33 +96,34 @@ class ModelRunner:
             if not torch._dynamo.is_dynamo_supported():
                 raise ConfigError("compile=True: torch.compile is not supported on this platform; drop the option")
             # dynamic=True: batch size and context length change every step; one graph serves them all
-            self._decode = torch.compile(self._decode_eager, dynamic=True)
+            # cpp_wrapper: the graph's kernel launches run from C++ rather than a Python wrapper; the guard filter
+            # drops per-call checks of ~300 parameters (weights are updated in place, as GRPO's optimizer does,
+            # never swapped for tensors of another shape). Both measured: 2.46x -> 2.81x transformers at batch 1.
+            self._decode = torch.compile(self._decode_eager, dynamic=True, options={
+                "cpp_wrapper": True, "guard_filter_fn": torch.compiler.skip_guard_on_inbuilt_nn_modules_unsafe})
 
     # ----- batch layout -----
     def make_batch(self, chunks: list[tuple[Sequence, int, list[int]]]) -> Batch:
-        """chunks: (seq, start position, token ids at start, start+1, ...) -> padded Batch."""
-        B = len(chunks)
-        T = max(len(toks) for _, _, toks in chunks)
-        S = max(start + len(toks) for _, start, toks in chunks)
+        """chunks: (seq, start position, token ids at start, start+1, ...) -> padded Batch. Built from Python lists
+        with one tensor per field (a tensor per row cost ~30 us each: 1 ms a step at batch 32)."""
+        lens = [len(toks) for _, _, toks in chunks]
+        starts = [start for _, start, _ in chunks]
+        T = max(lens)
+        S = max(st + n for st, n in zip(starts, lens))
         bs = self.block_size
         nb = -(-S // bs)
-        ids = torch.zeros(B, T, dtype=torch.long)
-        pos = torch.zeros(B, T, dtype=torch.long)
-        valid = torch.zeros(B, T, dtype=torch.bool)
-        table = torch.zeros(B, nb, dtype=torch.long)                    # scratch block 0 past each table's end
-        for b, (seq, start, toks) in enumerate(chunks):
-            n = len(toks)
-            ids[b, :n] = torch.tensor(toks)
-            pos[b, :n] = torch.arange(start, start + n)
-            valid[b, :n] = True
-            t = seq.block_table[:nb]
-            table[b, :len(t)] = torch.tensor(t, dtype=torch.long)
+        ids = torch.tensor([toks + [0] * (T - n) for (_, _, toks), n in zip(chunks, lens)], dtype=torch.long)
+        table = torch.tensor([seq.block_table[:nb] + [0] * (nb - len(seq.block_table[:nb]))   # scratch block 0
+                              for seq, _, _ in chunks], dtype=torch.long)                       # (B,nb)
+        B = len(chunks)
+        steps = torch.arange(T)
+        valid = steps[None, :] < torch.tensor(lens)[:, None]                                    # (B,T)
+        pos = torch.where(valid, torch.tensor(starts)[:, None] + steps[None, :], 0)             # (B,T)
         gather = (table[:, :, None] * bs + torch.arange(bs)).reshape(B, nb * bs)[:, :S].contiguous()   # (B,S)
         slots = torch.where(valid, gather.gather(1, pos), 0)
-        mask = torch.arange(S)[None, None, :] <= pos[:, :, None]                          # (B,T,S)
+        mask = torch.arange(S)[None, None, :] <= pos[:, :, None]                                # (B,T,S)
         dev = self.device
-        return Batch(ids.to(dev), pos.to(dev), slots.to(dev), gather.to(dev), mask[:, None].to(dev),
-                     [len(t) for _, _, t in chunks])
+        return Batch(ids.to(dev), pos.to(dev), slots.to(dev), gather.to(dev), mask[:, None].to(dev), lens)
 
     # ----- forwards -----
     @torch.no_grad()

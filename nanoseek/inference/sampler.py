@@ -108,10 +108,16 @@ class Sampler:
     # ----- drawing -----
     def exponentials(self, rows: list[Row], V: int, device) -> torch.Tensor:
         """E ~ Exp(1) of shape (R,V): seeded rows from their own generator, the rest from the engine's."""
-        E = torch.empty(len(rows), V, device=device).exponential_(generator=self.generator)
-        for i, r in enumerate(rows):
-            if r.seq.generator is not None and not r.params.greedy:
-                E[i].exponential_(generator=r.seq.generator)
+        E = torch.empty(len(rows), V, device=device)
+        own = [i for i, r in enumerate(rows) if r.seq.generator is not None and not r.params.greedy]
+        for i in own:
+            E[i].exponential_(generator=rows[i].seq.generator)
+        if len(own) < len(rows):
+            rest = sorted(set(range(len(rows))) - set(own))
+            if len(rest) == len(rows):
+                E.exponential_(generator=self.generator)
+            else:
+                E[rest] = torch.empty(len(rest), V, device=device).exponential_(generator=self.generator)
         return E
 
     def sample(self, probs: torch.Tensor, rows: list[Row]) -> list[int]:
@@ -139,10 +145,10 @@ class Sampler:
         chosen = torch.tensor([tokens[i] for i in idx], device=lp.device)
         chosen_lp = lp.gather(1, chosen[:, None])[:, 0]
         ranks = (lp > chosen_lp[:, None]).sum(-1) + 1
-        for j, i in enumerate(idx):
-            d = {tokens[i]: Logprob(float(chosen_lp[j]), int(ranks[j]))}
+        chosen_lp, ranks, top_v, top_i = chosen_lp.tolist(), ranks.tolist(), top_v.tolist(), top_i.tolist()
+        for j, i in enumerate(idx):                   # plain Python numbers: one copy out, not 2 per row
+            d = {tokens[i]: Logprob(chosen_lp[j], ranks[j])}
             for rank in range(rows[i].params.logprobs):
-                tok = int(top_i[j, rank])
-                d.setdefault(tok, Logprob(float(top_v[j, rank]), rank + 1))
+                d.setdefault(top_i[j][rank], Logprob(top_v[j][rank], rank + 1))
             out[i] = d
         return out

@@ -54,6 +54,8 @@ class GRPOConfig(TrainConfig):
     loss_type: str = option("grpo", "grpo: per-sequence mean; bnpo: tokens in the batch; dr_grpo: no std "
                                     "scaling, constant normalizer; dapo: token mean + clip-higher + dynamic "
                                     "sampling + overlong shaping", LOSS_TYPES)
+    compile_rollouts: bool = option(False, "torch.compile the rollout engine's decode step: ~40-60 s of compilation "
+                                           "up front, then rollouts ~1.7x faster on CPU (benchmarks/RESULTS.md)")
     beta: float = option(0.0, "weight of the k3 KL to the frozen initial policy (0: no reference model kept)")
     mu: int = option(1, "policy updates per rollout batch (ratios against the rollout policy's log-probs)")
     eps_low: float = option(0.2, "clip range below: ratio >= 1 - eps_low")
@@ -150,7 +152,8 @@ def grpo(cfg: GRPOConfig, reward_fns: dict | None = None) -> dict:
         raise ConfigError("grpo runs in one process (engine and trainer share the model); drop torchrun/--fsdp")
     unsupported = [f"--{n.replace('_', '-')}" for n in ("compile", "activation_checkpointing", "fp8") if getattr(cfg, n)]
     if unsupported:   # the engine decodes with the same modules, so these wrappers are not applied to GRPO yet
-        raise ConfigError(f"grpo does not support {', '.join(unsupported)} yet; drop the flag")
+        raise ConfigError(f"grpo does not support {', '.join(unsupported)} yet; drop the flag"
+                          f"{' (--compile-rollouts compiles the rollout engine)' if cfg.compile else ''}")
     run_dir = Path(cfg.out)
     resume_from = R.find_resume_point(run_dir, cfg.resume)
     precision = resolve_precision(cfg.precision, dist.device)
@@ -170,7 +173,10 @@ def grpo(cfg: GRPOConfig, reward_fns: dict | None = None) -> dict:
         start = R.load_training_checkpoint(resume_from, model, optimizer, dist, loaders={},
                                            model_config=mcfg)["step"]
     llm = rollout_engine(model, tokenizer, max_model_len=min(cfg.seq_len, mcfg.max_position_embeddings),
-                         max_num_seqs=cfg.group_size * cfg.prompts_per_step)
+                         max_num_seqs=cfg.group_size * cfg.prompts_per_step, compile=cfg.compile_rollouts)
+    if cfg.compile_rollouts:
+        print("grpo: compiling the rollout engine's decode step ...", flush=True)
+        llm.warmup()
     metrics = MetricsLog(run_dir, resume_step=start if resume_from else None)
     G, P = cfg.group_size, cfg.prompts_per_step
     print(f"grpo: {cfg.loss_type}, G={G} x P={P}, mu={cfg.mu}, beta={cfg.beta}, eps {cfg.eps_low}/{cfg.eps_high}, "

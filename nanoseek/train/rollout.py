@@ -61,12 +61,14 @@ def parse_reward_spec(spec: str | dict) -> list[tuple[str, RewardFn, float]]:
     return terms
 
 
-def rollout_engine(model, tokenizer, max_model_len: int, max_num_seqs: int = 256):
-    """An LLM over the training model itself (no copy; see the module docstring for why no prefix cache)."""
+def rollout_engine(model, tokenizer, max_model_len: int, max_num_seqs: int = 256, compile: bool = False):
+    """An LLM over the training model itself (no copy; see the module docstring for why no prefix cache).
+    compile: torch.compile its decode step; the graph reads the parameters at every call, so optimizer steps
+    (in place) reach it too."""
     from nanoseek.inference.llm import LLM
 
     return LLM(model, tokenizer, max_model_len=max_model_len, enable_prefix_caching=False,
-               max_num_seqs=max_num_seqs, max_num_batched_tokens=max(1024, max_num_seqs * 8))
+               max_num_seqs=max_num_seqs, max_num_batched_tokens=max(1024, max_num_seqs * 8), compile=compile)
 
 
 def prompt_ids(tokenizer, item: TaskItem, system_prompt: str | None = None) -> list[int]:
