@@ -238,7 +238,7 @@ class LLMEngine:
         lp_of: dict[int, dict | None] = {}
         if rows:
             bi, ti = torch.tensor([w[0] for w in where]), torch.tensor([w[1] for w in where])
-            logits = self.runner.logits(hidden[bi, ti])                                 # (R,V) fp32
+            logits = self.runner.logits_at(hidden, bi, ti)                              # (R,V) fp32
             probs = self.sampler.probs(logits, rows)                                    # (R,V)
             plain = [p[3][0] for p in plan if p[3] and not p[0].draft_tokens]
             if plain:
