@@ -221,3 +221,12 @@ def test_load_balancer_counts_and_moves_biases():
         assert ratio == load.max().item() / max(load.min().item(), 1)
     with pytest.raises(RuntimeError, match="before collect"):
         bal.step(gamma=0.01)
+
+
+def test_tune_allocator_applies_on_glibc():
+    import platform
+
+    from nanoseek.train.loop import tune_allocator
+
+    applied = tune_allocator()
+    assert applied == (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from nanoseek.errors import ConfigError, NanoseekError
 from nanoseek.recipes.sft import SFTConfig
-from nanoseek.train.config import add_config_arguments, config_from_args, option
+from nanoseek.train.config import add_config_arguments, option
 
 HELP = "distill a teacher (checkpoint or OpenAI-compatible endpoint) into a student via verified traces (+ KD)"
 
@@ -70,11 +70,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nanoseek.train.run import saved_config
+    from nanoseek.train.run import run_config
 
-    cfg = config_from_args(DistillConfig, args)
-    if cfg.resume:
-        cfg = config_from_args(DistillConfig, args, base=saved_config(cfg.out, DistillConfig))
+    cfg = run_config(DistillConfig, args)
     distill(cfg)
     return 0
 

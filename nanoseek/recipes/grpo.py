@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nanoseek.errors import ConfigError
-from nanoseek.train.config import TrainConfig, add_config_arguments, config_from_args, option
+from nanoseek.train.config import TrainConfig, add_config_arguments, option
 from nanoseek.train.rl import LOSS_TYPES
 
 HELP = "GRPO / Dr. GRPO / DAPO / BNPO from verifiable rewards, rollouts by the nanoseek engine"
@@ -96,11 +96,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nanoseek.train.run import saved_config
+    from nanoseek.train.run import run_config
 
-    cfg = config_from_args(GRPOConfig, args)
-    if cfg.resume:
-        cfg = config_from_args(GRPOConfig, args, base=saved_config(cfg.out, GRPOConfig))
+    cfg = run_config(GRPOConfig, args)
     grpo(cfg)
     return 0
 
@@ -138,7 +136,7 @@ def grpo(cfg: GRPOConfig, reward_fns: dict | None = None) -> dict:
     from nanoseek.parallel import distributed as D
     from nanoseek.rewards import accuracy_reward
     from nanoseek.train import run as R
-    from nanoseek.train.loop import autocast, resolve_precision, seed_all
+    from nanoseek.train.loop import autocast, resolve_precision, seed_all, tune_allocator
     from nanoseek.train.metrics import MetricsLog, plot_curves, read_metrics
     from nanoseek.train.optim import build_optimizer, clip_grad_norm, set_lr
     from nanoseek.train.rl import group_advantages, informative_groups, policy_loss
@@ -158,6 +156,7 @@ def grpo(cfg: GRPOConfig, reward_fns: dict | None = None) -> dict:
     resume_from = R.find_resume_point(run_dir, cfg.resume)
     precision = resolve_precision(cfg.precision, dist.device)
     seed_all(cfg.seed)
+    tune_allocator()                    # keep freed activation blocks in the process (glibc; see loop.py)
     terms = parse_reward_spec(reward_fns if reward_fns is not None else cfg.reward)
     task = get_task(cfg.data[0] if cfg.data else cfg.task)
     model, tokenizer = load_policy(cfg, dist.device)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nanoseek.errors import ConfigError, NanoseekError
-from nanoseek.train.config import TrainConfig, add_config_arguments, config_from_args, option
+from nanoseek.train.config import TrainConfig, add_config_arguments, option
 from nanoseek.train.schedules import parse_piecewise
 
 HELP = "pretrain a DeepSeek-V3-style model (MTP, aux-loss-free balancing) on CPU, GPU or torchrun DDP/FSDP2"
@@ -75,11 +75,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nanoseek.train.run import saved_config
+    from nanoseek.train.run import run_config
 
-    cfg = config_from_args(PretrainConfig, args)
-    if cfg.resume:      # a resumed run starts from the config it saved; the YAML file and flags override it
-        cfg = config_from_args(PretrainConfig, args, base=saved_config(cfg.out, PretrainConfig))
+    cfg = run_config(PretrainConfig, args)   # resumed: the saved config, overridden by the YAML file and flags
     try:
         pretrain(cfg)
     except NanoseekError:
@@ -102,7 +100,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
     from nanoseek.parallel.wrap import check_options
     from nanoseek.train import run as R
     from nanoseek.train.balance import LoadBalancer
-    from nanoseek.train.loop import Throughput, autocast, matmul_peak_flops, resolve_precision, seed_all
+    from nanoseek.train.loop import (Throughput, autocast, matmul_peak_flops, resolve_precision, seed_all,
+                                     tune_allocator)
     from nanoseek.train.losses import lm_loss, target_counts
     from nanoseek.train.metrics import MetricsLog, plot_curves, read_metrics
     from nanoseek.train.optim import build_optimizer, clip_grad_norm, set_lr
@@ -121,6 +120,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     resume_from = R.find_resume_point(run_dir, cfg.resume)
     precision = resolve_precision(cfg.precision, dist.device)
     seed_all(cfg.seed)
+    tune_allocator()                    # keep freed activation blocks in the process (glibc; see loop.py)
 
     # ------------------------------------------------------------------ tokenizer and model
     base_cfg, ckpt_dir = R.resolve_model(cfg.model)

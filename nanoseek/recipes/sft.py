@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nanoseek.errors import ConfigError, NanoseekError
-from nanoseek.train.config import TrainConfig, add_config_arguments, config_from_args, option
+from nanoseek.train.config import TrainConfig, add_config_arguments, option
 
 HELP = "supervised fine-tuning on chat conversations (assistant-only loss, packing), resumable"
 
@@ -49,11 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nanoseek.train.run import saved_config
+    from nanoseek.train.run import run_config
 
-    cfg = config_from_args(SFTConfig, args)
-    if cfg.resume:
-        cfg = config_from_args(SFTConfig, args, base=saved_config(cfg.out, SFTConfig))
+    cfg = run_config(SFTConfig, args)
     try:
         sft(cfg)
     except NanoseekError:
@@ -93,7 +91,7 @@ def sft(cfg: SFTConfig, teacher=None, kd_weight: float = 0.0, kd_temperature: fl
     from nanoseek.recipes.grpo import load_policy
     from nanoseek.train import run as R
     from nanoseek.train.kd import forward_kl
-    from nanoseek.train.loop import autocast, resolve_precision, seed_all
+    from nanoseek.train.loop import autocast, resolve_precision, seed_all, tune_allocator
     from nanoseek.train.losses import cross_entropy
     from nanoseek.train.metrics import MetricsLog, plot_curves, read_metrics
     from nanoseek.train.optim import build_optimizer, clip_grad_norm, set_lr
@@ -111,6 +109,7 @@ def sft(cfg: SFTConfig, teacher=None, kd_weight: float = 0.0, kd_temperature: fl
     resume_from = R.find_resume_point(run_dir, cfg.resume)
     precision = resolve_precision(cfg.precision, dist.device)
     seed_all(cfg.seed)
+    tune_allocator()                    # keep freed activation blocks in the process (glibc; see loop.py)
     model, tokenizer = load_policy(cfg, dist.device)
     model.train()
     mcfg = model.config

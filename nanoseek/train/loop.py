@@ -48,6 +48,28 @@ def autocast(device: torch.device, precision: str):
 
 
 # ----------------------------------------------------------------------------- seeds and RNG state
+def tune_allocator() -> bool:
+    """Keep freed large blocks in the process (glibc only). By default glibc hands every block above its mmap
+    threshold back to the OS on free and the next step page-faults it in again: a training step of the ~18M
+    benchmark model measured 536 -> 460 ms on CPU with these settings (the same as setting MALLOC_MMAP_THRESHOLD_,
+    MALLOC_TRIM_THRESHOLD_ and MALLOC_TOP_PAD_). Returns whether it applied; a no-op elsewhere."""
+    import ctypes
+    import ctypes.util
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return False
+    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+    return all(libc.mallopt(opt, val) == 1 for opt, val in (
+        (M_MMAP_THRESHOLD, 32 * 2 ** 20),        # glibc's maximum; blocks below it come from the heap
+        (M_TRIM_THRESHOLD, 2 ** 31 - 1),         # (an int: 2 GiB) do not return freed heap to the OS
+        (M_TOP_PAD, 1 * 2 ** 30)))               # grow the heap in large steps
+
+
 def seed_all(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)   # seeds every CUDA device too

@@ -56,6 +56,15 @@ def saved_config(run_dir: str | Path, cls) -> dict:
     return from_dict(cls, load_yaml(path), source=str(path)) if path.is_file() else {}
 
 
+def run_config(cls, args):
+    """The config of a recipe's command line: with --resume, the run dir's saved config is the base that the
+    flags given now override (so a resumed run keeps its settings without repeating them)."""
+    from nanoseek.train.config import config_from_args
+
+    cfg = config_from_args(cls, args)
+    return config_from_args(cls, args, base=saved_config(cfg.out, cls)) if cfg.resume else cfg
+
+
 def find_resume_point(run_dir: str | Path, resume: bool) -> Path | None:
     """The checkpoint to resume from. Without --resume an existing run is an error (never silently overwritten);
     with --resume and no checkpoint yet (killed before its first save) the run starts over at step 0."""
