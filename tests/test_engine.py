@@ -7,29 +7,12 @@ import torch
 import nanoseek
 from nanoseek.inference import EngineConfig, LLMEngine, RequestError, SamplingParams
 from nanoseek.inference.runner import moe_decode, moe_static
-from nanoseek.model import build_model
+from models import tiny_model
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors: on a shared 2-core machine, 2 OpenMP threads wait at barriers for a busy core (measured up
-    # to 50x slower per op); one thread is also the fastest setting for these sizes.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def tiny_model(**overrides):
-    cfg = nanoseek.ModelConfig.from_name("tiny", **overrides)
-    model = build_model(cfg, seed=0).eval()
-    with torch.no_grad():
-        # A random init gives nearly flat logits; sharpen them so that fp32 rounding (absorbed vs expanded MLA,
-        # batched vs single) cannot flip an argmax on a near-tie and make the comparison flaky.
-        model.lm_head.weight.mul_(10)
-    return model
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

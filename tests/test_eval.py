@@ -8,26 +8,18 @@ import json
 import math
 
 import pytest
-import torch
 
 import nanoseek
+from models import tiny_checkpoint
 from servers import serve
 from nanoseek.cli import main
-from nanoseek.data.pretrain import synthetic_corpus
 from nanoseek.data.tasks import get_task
 from nanoseek.errors import NanoseekError
 from nanoseek.eval import Endpoint, aggregate, completion_text, evaluate, majority_vote, pass_at_k
 from nanoseek.inference.server import create_app
-from nanoseek.tokenizer import train_tokenizer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny tensors on a shared 2-core machine: one intra-op thread is fastest and keeps runs bitwise repeatable
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------- metrics (pure)
@@ -108,13 +100,9 @@ def test_evaluate_scripted_backend_uses_the_task_verifier():
 # ----------------------------------------------------------------------------- the real engine
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt")
-    model = nanoseek.build_model(nanoseek.ModelConfig.from_name("tiny", vocab_size=512), seed=0)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(10)   # sharp logits: batch-dependent fp32 rounding cannot flip a greedy near-tie
-    nanoseek.save_model(model, path)
-    train_tokenizer(texts=synthetic_corpus(300), vocab_size=512, out_dir=path, show_progress=False)
-    return path
+    # random model with lm_head x10 (sharp logits: batch-dependent fp32 rounding cannot flip a greedy near-tie)
+    # and a BPE tokenizer trained on synthetic_corpus(300)
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt"), vocab_size=512, head_scale=10.0)
 
 
 @pytest.fixture(scope="module")

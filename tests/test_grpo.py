@@ -21,7 +21,7 @@ from nanoseek.config import ModelConfig
 @pytest.fixture(scope="module")
 def tok_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("tok")
-    train_tokenizer(texts=synthetic_corpus(600, seed=0), vocab_size=512, out_dir=d, show_progress=False)
+    corpus_tokenizer(d, n_docs=600, seed=0, vocab_size=512)
     return d
 
 

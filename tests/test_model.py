@@ -14,12 +14,19 @@ def _cfg(**kw):
     return nanoseek.ModelConfig.from_name("tiny", **kw)
 
 
-def test_grouped_experts_match_per_token_reference():
-    cfg = _cfg(n_routed_experts=8, num_experts_per_tok=3)
-    torch.manual_seed(0)
+def _experts(cfg, seed):
+    """Grouped experts from global seed `seed`, weights redrawn at std 0.2 (visible outputs); the global RNG then
+    continues from there, as the tests' inputs expect."""
+    torch.manual_seed(seed)
     ex = Experts(cfg)
     torch.nn.init.normal_(ex.gate_up_proj, std=0.2)
     torch.nn.init.normal_(ex.down_proj, std=0.2)
+    return ex
+
+
+def test_grouped_experts_match_per_token_reference():
+    cfg = _cfg(n_routed_experts=8, num_experts_per_tok=3)
+    ex = _experts(cfg, seed=0)
     x = torch.randn(37, cfg.hidden_size)
     idx = torch.stack([torch.randperm(8)[:3] for _ in range(37)])
     idx[:5] = torch.tensor([0, 1, 2])            # an expert crowd, and (likely) some idle experts
@@ -32,10 +39,7 @@ def test_grouped_experts_match_per_token_reference():
 def test_skewed_routing_loop_path_matches_reference():
     """All tokens on one expert: padding would waste most of the batched matmul, so the per-expert loop runs."""
     cfg = _cfg(n_routed_experts=8, num_experts_per_tok=2)
-    torch.manual_seed(2)
-    ex = Experts(cfg)
-    torch.nn.init.normal_(ex.gate_up_proj, std=0.2)
-    torch.nn.init.normal_(ex.down_proj, std=0.2)
+    ex = _experts(cfg, seed=2)
     x = torch.randn(20, cfg.hidden_size)
     idx = torch.stack([torch.tensor([0, 1 + n % 7]) for n in range(20)])
     w = torch.rand(20, 2)
@@ -44,10 +48,7 @@ def test_skewed_routing_loop_path_matches_reference():
 
 def test_grouped_experts_gradients_match_reference():
     cfg = _cfg(n_routed_experts=4, num_experts_per_tok=2, n_group=2, topk_group=1)
-    torch.manual_seed(1)
-    ex = Experts(cfg)
-    torch.nn.init.normal_(ex.gate_up_proj, std=0.2)
-    torch.nn.init.normal_(ex.down_proj, std=0.2)
+    ex = _experts(cfg, seed=1)
     x = torch.randn(9, cfg.hidden_size, requires_grad=True)
     idx = torch.stack([torch.randperm(4)[:2] for _ in range(9)])
     w = torch.rand(9, 2)

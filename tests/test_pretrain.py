@@ -33,7 +33,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("tok")
-    train_tokenizer(texts=synthetic_corpus(2000, seed=0), vocab_size=512, out_dir=out, show_progress=False)
+    corpus_tokenizer(out, n_docs=2000, seed=0, vocab_size=512)
     return out
 
 

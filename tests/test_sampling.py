@@ -10,30 +10,16 @@ import nanoseek
 from nanoseek.inference import EngineConfig, LLMEngine, RequestError, SamplingParams
 from nanoseek.inference.sampler import Row, Sampler
 from nanoseek.inference.sequence import Request, Sequence
-from nanoseek.model import build_model
 from nanoseek.tokenizer import train_tokenizer
+from models import tiny_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors: on a shared 2-core machine, 2 OpenMP threads wait at barriers for a busy core (measured up
-    # to 50x slower per op); one thread is also the fastest setting for these sizes.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def tiny_model():
-    model = build_model(nanoseek.ModelConfig.from_name("tiny"), seed=0).eval()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(10)          # peaked logits: no fp32 near-ties in greedy comparisons
-    return model
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def model():
-    return tiny_model()
+    return tiny_model()          # peaked logits: no fp32 near-ties in greedy comparisons
 
 
 @pytest.fixture(scope="module")

@@ -21,24 +21,17 @@ import pytest
 import torch
 
 import nanoseek
+from models import corpus_tokenizer, tiny_checkpoint, tiny_model
 from servers import serve
 from nanoseek.chat import render_text
-from nanoseek.data.pretrain import synthetic_corpus
 from nanoseek.inference.protocol import TokenText
 from nanoseek.inference.server import UI_DIR, create_app
-from nanoseek.tokenizer import train_tokenizer
 
 MODEL = "tiny-test"
 GREEDY = dict(temperature=0.0, extra_body={"ignore_eos": True})
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny tensors on a shared 2-core machine: one intra-op thread is the fastest and avoids barrier stalls
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def raw(port, method, path, body=None, headers=None):
@@ -63,13 +56,9 @@ def chat_msgs(text):
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt")
-    model = nanoseek.build_model(nanoseek.ModelConfig.from_name("tiny"), seed=0)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(10)   # sharper logits: fp32 rounding in a batch cannot flip a greedy near-tie
-    nanoseek.save_model(model, path)
-    train_tokenizer(texts=synthetic_corpus(300), vocab_size=512, out_dir=path, show_progress=False)
-    return path
+    # random model with lm_head x10 (sharper logits: fp32 rounding in a batch cannot flip a greedy near-tie)
+    # and a BPE tokenizer trained on synthetic_corpus(300)
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt"), head_scale=10.0)
 
 
 @pytest.fixture(scope="module")
@@ -233,11 +222,11 @@ def test_ui_page(srv):
 
 
 def test_reasoning_split(tmp_path):
-    tok = train_tokenizer(texts=synthetic_corpus(300), vocab_size=512, show_progress=False)
+    tok = corpus_tokenizer(n_docs=300)
     prompt_ids = tok.encode(render_text(tok, chat_msgs("What is 2+2?"), add_generation_prompt=True))
     words = [i for i in range(tok.vocab_size) if re.fullmatch(r" [a-z]{3,}", tok.decode([i]))][:4]
     chain = [prompt_ids[-1], words[0], words[1], tok.token_to_id("</think>"), words[2], words[3], tok.eos_id]
-    model = nanoseek.build_model(nanoseek.ModelConfig.from_name("tiny"), seed=0).eval()
+    model = tiny_model(head_scale=None)
     with torch.no_grad():
         for layer in model.model.layers:       # every block adds zero: the residual stream is the embedding
             layer.self_attn.o_proj.weight.zero_()

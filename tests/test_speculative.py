@@ -14,24 +14,12 @@ from nanoseek.inference.sampler import Row, Sampler
 from nanoseek.inference.sequence import Request, Sequence
 from nanoseek.inference.speculative import accept_drafts
 from nanoseek.model import build_model
+from models import tiny_model
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors: on a shared 2-core machine, 2 OpenMP threads wait at barriers for a busy core.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def random_model(vocab=512, head_scale=10.0):
-    model = build_model(nanoseek.ModelConfig.from_name("tiny", vocab_size=vocab), seed=0).eval()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(head_scale)      # peaked logits: no fp32 near-ties; MTP drafts rarely agree
-    return model
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def trained_model(mtp_noise: float):
@@ -74,7 +62,9 @@ def prompts(count, lo, hi, vocab, seed=0):
 
 @pytest.fixture(scope="module")
 def models():
-    return {"random": random_model(), "good": trained_model(0.0), "mixed": trained_model(3.0)}
+    # random: peaked logits (lm_head x10), so no fp32 near-ties, and MTP drafts rarely agree
+    return {"random": tiny_model(vocab_size=512, head_scale=10.0), "good": trained_model(0.0),
+            "mixed": trained_model(3.0)}
 
 
 @pytest.mark.parametrize("kind,k", [("random", 2), ("good", 3), ("mixed", 2), ("mixed", 4)])
@@ -199,7 +189,7 @@ def test_speculation_at_temperature_1_follows_the_target_distribution(monkeypatc
     """3 tokens per request: t1 from the prefill, then one MTP draft verified (t2, and t3 when it is accepted).
     With vocab 16 and peaked logits the draft (random MTP) disagrees with the target often, so both the
     accept path and the residual path carry real mass."""
-    model = random_model(vocab=16, head_scale=10.0)
+    model = tiny_model(vocab_size=16, head_scale=10.0)
     prompt = [3, 7, 1, 12]
     exact = exact_triples(model, prompt)
     n = 3000
