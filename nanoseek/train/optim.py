@@ -27,7 +27,14 @@ def build_optimizer(model: nn.Module, lr: float, betas: tuple[float, float] = (0
     """AdamW over `model` (plain, DDP-wrapped or FSDP2-sharded) with the V3 defaults."""
     if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
         raise ConfigError(f"adam betas {betas}: each must be in [0, 1)")
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps)
+    groups = param_groups(model, weight_decay)
+    params = [p for g in groups for p in g["params"]]
+    # The fused kernel (CPU and CUDA) updates every tensor in one pass; PyTorch's CPU default is a Python loop
+    # over tensors: 64 ms vs ~1.7 s a step for the ~18M benchmark model on 2 cores, and 2.3 vs 10.7 ms for
+    # `tiny`. Sharded (DTensor) parameters take the multi-tensor path, which DTensor supports everywhere.
+    sharded = any(type(p).__name__ == "DTensor" for p in params)
+    fast = {"foreach": True} if sharded else {"fused": True}
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **fast)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
