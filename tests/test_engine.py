@@ -7,7 +7,7 @@ import torch
 import nanoseek
 from nanoseek.inference import EngineConfig, LLMEngine, RequestError, SamplingParams
 from nanoseek.inference.runner import moe_decode, moe_static
-from models import tiny_model
+from models import reference, tiny_model
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
@@ -18,15 +18,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def model():
     return tiny_model()
-
-
-@torch.no_grad()
-def reference(model, prompt, n):
-    """Greedy by re-running the whole sequence each step: no cache, expanded MLA, no engine."""
-    ids = list(prompt)
-    for _ in range(n):
-        ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    return ids[len(prompt):]
 
 
 def prompts(count, lo=3, hi=40, seed=0, vocab=512):

@@ -7,22 +7,20 @@ import pytest
 import torch
 
 from nanoseek.checkpoint.native import latest_checkpoint, list_checkpoints
-from nanoseek.data.pretrain import synthetic_corpus
 from nanoseek.data.tasks import get_task
 from nanoseek.model import build_model
 from nanoseek.recipes.grpo import GRPOConfig, grpo
-from nanoseek.tokenizer import Tokenizer, train_tokenizer
+from nanoseek.tokenizer import Tokenizer
 from nanoseek.train.metrics import read_metrics
 from nanoseek.train.rollout import (RolloutError, completion_logprobs, generate_groups, parse_reward_spec, rollout,
                                     rollout_engine, sequence_batch)
 from nanoseek.config import ModelConfig
+from models import write_tokenizer
 
 
 @pytest.fixture(scope="module")
 def tok_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tok")
-    corpus_tokenizer(d, n_docs=600, seed=0, vocab_size=512)
-    return d
+    return write_tokenizer(tmp_path_factory.mktemp("tok"), n_docs=600, seed=0, vocab_size=512)
 
 
 def digits(text, item):

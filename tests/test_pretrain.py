@@ -12,10 +12,9 @@ import torch
 
 import nanoseek
 from nanoseek.cli import main
-from nanoseek.data.pretrain import synthetic_corpus
 from nanoseek.recipes.pretrain import PretrainConfig, pretrain
-from nanoseek.tokenizer import train_tokenizer
 from nanoseek.train.metrics import read_metrics
+from models import write_tokenizer
 
 FAST = dict(seq_len=32, batch_size=8, progress=False)
 
@@ -32,9 +31,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tok")
-    corpus_tokenizer(out, n_docs=2000, seed=0, vocab_size=512)
-    return out
+    return write_tokenizer(tmp_path_factory.mktemp("tok"), n_docs=2000, seed=0, vocab_size=512)
 
 
 def test_loss_falls_clearly_within_200_steps(tmp_path, tokenizer_dir):

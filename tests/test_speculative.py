@@ -14,7 +14,7 @@ from nanoseek.inference.sampler import Row, Sampler
 from nanoseek.inference.sequence import Request, Sequence
 from nanoseek.inference.speculative import accept_drafts
 from nanoseek.model import build_model
-from models import tiny_model
+from models import reference, tiny_model
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
@@ -44,14 +44,6 @@ def trained_model(mtp_noise: float):
         w = model.mtp[0].eh_proj.weight
         w.add_(torch.randn(w.shape, generator=torch.Generator().manual_seed(1)) * w.std() * mtp_noise)
     return model.eval()
-
-
-@torch.no_grad()
-def reference(model, prompt, n):
-    ids = list(prompt)
-    for _ in range(n):
-        ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    return ids[len(prompt):]
 
 
 def prompts(count, lo, hi, vocab, seed=0):
