@@ -51,13 +51,18 @@ class EngineConfig:
 
 
 class Detokenizer:
-    """Incremental detokenization: text grows only by whole characters (a byte-level token may end mid-UTF-8)."""
+    """Incremental detokenization: text grows only by whole characters (a byte-level token may end mid-UTF-8).
+    It runs when text is needed: every token for requests with stop strings, else when an output is built (each
+    step while streaming, once at the end for LLM.generate)."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
 
-    def update(self, seq: Sequence) -> None:
-        ids, skip = seq.token_ids, seq.params.skip_special_tokens
+    def update(self, seq: Sequence, end: int | None = None) -> None:
+        """Decode the tokens up to `end` (default: all) not yet in seq.text."""
+        ids, skip = seq.token_ids[:end] if end is not None else seq.token_ids, seq.params.skip_special_tokens
+        if seq.read_offset >= len(ids):
+            return
         prefix = self.tokenizer.decode(ids[seq.prefix_offset:seq.read_offset], skip_special_tokens=skip)
         full = self.tokenizer.decode(ids[seq.prefix_offset:], skip_special_tokens=skip)
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
@@ -185,7 +190,9 @@ class LLMEngine:
         return seq
 
     # ----- the step -----
-    def step(self) -> list[RequestOutput]:
+    def step(self, finished_only: bool = False) -> list[RequestOutput]:
+        """One engine step -> outputs of the requests it advanced (finished_only: of those that finished; what
+        LLM.generate asks for, so nothing is built or detokenized for the steps in between)."""
         self._drain_inbox()
         scheduled = self.scheduler.schedule()
         touched: dict[str, Request] = {}
@@ -200,7 +207,8 @@ class LLMEngine:
         self.stats["steps"] += 1
         # a request whose prompt is still being prefilled in chunks has nothing to report yet
         outputs = [self._output(req) for req in touched.values()
-                   if req.finished or any(s.num_output_tokens > s.emitted_token_len for s in req.seqs)]
+                   if req.finished or not finished_only and any(s.num_output_tokens > s.emitted_token_len
+                                                                  for s in req.seqs)]
         for req in touched.values():
             if req.finished:
                 self.requests.pop(req.request_id, None)
@@ -317,7 +325,10 @@ class LLMEngine:
             reason, stop_reason = "stop", tok
         elif not p.ignore_eos and tok in self.eos_token_ids:
             reason = "stop"
-        if self.detok is not None and (reason is None or p.include_stop_str_in_output and stop_reason is not None):
+        in_text = reason is None or p.include_stop_str_in_output and stop_reason is not None
+        if not in_text:
+            seq.text_end = len(seq.token_ids) - 1          # the EOS / stop id is not part of the text
+        if self.detok is not None and p.stop_list and in_text:   # stop strings are matched on the text as it grows
             before = len(seq.text)
             self.detok.update(seq)
             if reason is None and p.stop_list and seq.num_output_tokens >= p.min_tokens:
@@ -349,6 +360,8 @@ class LLMEngine:
         outs = []
         hold = max((len(s) for s in req.params.stop_list), default=1) - 1
         for seq in sorted(req.seqs, key=lambda s: s.index):
+            if self.detok is not None and not req.params.stop_list:
+                self.detok.update(seq, seq.text_end)
             # hold back text that may be the start of a stop string until it is known not to be
             shown = len(seq.text) if seq.is_finished else max(seq.emitted_text_len, len(seq.text) - hold)
             out_ids = seq.output_token_ids

@@ -92,9 +92,8 @@ class LLM:
         ids = self._add(self._requests(prompts, sampling_params))
         final: dict[str, RequestOutput] = {}
         while self.engine.has_unfinished_requests():
-            for out in self.engine.step():
-                if out.finished:
-                    final[out.request_id] = out
+            for out in self.engine.step(finished_only=True):
+                final[out.request_id] = out
         return [final[i] for i in ids]
 
     def stream(self, prompts: Prompt | Seq[Prompt], sampling_params: SamplingParams | Seq[SamplingParams] | None

@@ -54,6 +54,7 @@ class Sequence:
         # detokenizer state (engine.Detokenizer): text so far and offsets for incremental decoding
         self.text = ""
         self.prefix_offset = self.read_offset = self.num_prompt_tokens
+        self.text_end: int | None = None        # tokens the text covers when the last one (EOS, stop id) is left out
         self.emitted_text_len = 0
         self.emitted_token_len = 0
 
