@@ -46,6 +46,32 @@ def test_skewed_routing_loop_path_matches_reference():
     torch.testing.assert_close(ex(x, idx, w), ex.forward_reference(x, idx, w), atol=1e-5, rtol=1e-5)
 
 
+def test_skewed_routing_hybrid_path_matches_loop_with_gradients():
+    """bf16 skewed loads take `_hybrid` (overloaded experts one by one, the rest padded): checked in fp32 against
+    the per-expert loop, outputs and gradients, with two overloaded experts and one idle one."""
+    from nanoseek.model.moe import _hybrid, _swiglu
+
+    cfg = _cfg(n_routed_experts=8, num_experts_per_tok=2)
+    ex = _experts(cfg, seed=3)
+    counts = torch.tensor([30, 25, 3, 4, 0, 5, 2, 3])               # mean 9: experts 0 and 1 are heavy
+    expert = torch.repeat_interleave(torch.arange(8), counts)       # slots sorted by expert
+    xs = torch.randn(int(counts.sum()), cfg.hidden_size, requires_grad=True)
+    proj = torch.randn(int(counts.sum()), cfg.hidden_size)
+    params = [xs, ex.gate_up_proj, ex.down_proj]
+    hybrid = _hybrid(xs, expert, counts, ex.gate_up_proj, ex.down_proj)
+    loop = torch.cat([_swiglu(c, gu, d) for gu, d, c in zip(ex.gate_up_proj.unbind(0), ex.down_proj.unbind(0),
+                                                           xs.split(counts.tolist())) if c.shape[0]])
+    torch.testing.assert_close(hybrid, loop, atol=1e-5, rtol=1e-5)
+    grads = [torch.autograd.grad((out * proj).sum(), params) for out in (hybrid, loop)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):               # the path bf16 training takes
+        x = torch.randn(40, cfg.hidden_size)
+        idx = torch.stack([torch.tensor([0, 1 + n % 7]) for n in range(40)])
+        w = torch.rand(40, 2)
+        torch.testing.assert_close(ex(x, idx, w).float(), ex.forward_reference(x, idx, w).float(), atol=0.05, rtol=0.05)
+
+
 def test_grouped_experts_gradients_match_reference():
     cfg = _cfg(n_routed_experts=4, num_experts_per_tok=2, n_group=2, topk_group=1)
     ex = _experts(cfg, seed=1)
