@@ -266,3 +266,9 @@ def test_registry_errors():
         get_task("file").generate(1)
     with pytest.raises(DataError, match="no such file"):
         FileTask("/nonexistent/x.jsonl")
+
+
+def test_missing_tasks_extra_is_one_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "reasoning_gym", None)      # as if `pip install nanoseek` without [tasks]
+    with pytest.raises(ConfigError, match=r"pip install 'nanoseek\[tasks\]'"):
+        get_task("arithmetic").generate(2)

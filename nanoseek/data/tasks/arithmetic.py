@@ -12,6 +12,7 @@ from collections import Counter
 from fractions import Fraction
 
 from nanoseek.data.tasks.base import Task, TaskItem, base_seed, check_difficulty, parse_number
+from nanoseek.errors import ConfigError
 
 _OPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
         ast.Div: lambda a, b: a / b}
@@ -63,6 +64,14 @@ def _rg_items(dataset, n: int, keep) -> list[dict]:
     return out
 
 
+def require_reasoning_gym() -> None:
+    """One clear line instead of an ImportError traceback when the `tasks` extra is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec("reasoning_gym") is None:
+        raise ConfigError("the generated tasks need reasoning-gym: pip install 'nanoseek[tasks]'")
+
+
 class ArithmeticTask(Task):
     """Evaluate an integer expression (+ - * / with exact divisions, parentheses, negation)."""
 
@@ -72,6 +81,7 @@ class ArithmeticTask(Task):
     LEVELS = {1: (2, 2, 1, 1), 2: (2, 3, 1, 2), 3: (3, 4, 2, 2), 4: (4, 5, 2, 3), 5: (5, 6, 3, 4)}
 
     def generate(self, n, seed=0, difficulty=1):
+        require_reasoning_gym()
         from reasoning_gym.arithmetic.basic_arithmetic import BasicArithmeticDataset, BasicArithmeticDatasetConfig
 
         t0, t1, d0, d1 = self.LEVELS[check_difficulty(difficulty)]
@@ -104,6 +114,7 @@ class CountdownTask(Task):
               5: (5, 6, 100, 100, 999)}
 
     def generate(self, n, seed=0, difficulty=1):
+        require_reasoning_gym()
         from reasoning_gym.games.countdown import CountdownConfig, CountdownDataset
 
         n0, n1, vmax, tmin, tmax = self.LEVELS[check_difficulty(difficulty)]
@@ -148,6 +159,7 @@ class LinearEquationsTask(Task):
     LEVELS = {1: (2, 2, 10), 2: (2, 3, 20), 3: (3, 4, 50), 4: (3, 5, 100), 5: (4, 6, 1000)}
 
     def generate(self, n, seed=0, difficulty=1):
+        require_reasoning_gym()
         from reasoning_gym.algebra.simple_equations import SimpleEquationsConfig, SimpleEquationsDataset
 
         t0, t1, vmax = self.LEVELS[check_difficulty(difficulty)]
