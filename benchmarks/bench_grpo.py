@@ -121,7 +121,8 @@ def main() -> None:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print(f"model {args.model}, G={args.group_size}, P={args.prompts_per_step}, max_new_tokens={args.max_new_tokens}, "
-          f"{args.steps} timed steps, compile_rollouts={args.compile_rollouts}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+          f"{args.steps} timed steps, compile_rollouts={args.compile_rollouts}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
     print(f"{'':10s} {'s/step':>8s} {'completions/s':>14s}")
     print(f"{'nanoseek':10s} {ns['step_s']:8.3f} {ns['completions_per_s']:14.1f}   (rollout alone: "
           f"{ns['rollout_completions_per_s']:.1f} completions/s)")

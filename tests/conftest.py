@@ -1,4 +1,5 @@
-"""Shared fixtures. `one_thread` is opt-in: a module uses it with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+"""Shared fixtures. `one_thread` is opt-in: a module uses it with
+`pytestmark = pytest.mark.usefixtures("one_thread")`."""
 import pytest
 import torch
 

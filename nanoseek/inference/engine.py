@@ -331,7 +331,7 @@ class LLMEngine:
         if self.detok is not None and p.stop_list and in_text:   # stop strings are matched on the text as it grows
             before = len(seq.text)
             self.detok.update(seq)
-            if reason is None and p.stop_list and seq.num_output_tokens >= p.min_tokens:
+            if reason is None and seq.num_output_tokens >= p.min_tokens:
                 hit = self._find_stop(seq.text, before, p.stop_list)
                 if hit is not None:
                     i, s = hit

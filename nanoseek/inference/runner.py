@@ -35,10 +35,9 @@ class Batch:
     lens: list[int]             # valid new tokens per row
 
 
-def moe_static(moe: MoE, x: torch.Tensor, dense: bool | None = None) -> torch.Tensor:
+def moe_static(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     """MoE forward without host syncs, for decode-sized batches. x (B,T,H) -> (B,T,H); same math as MoE.forward
-    (held equal by tests/test_engine.py). dense: run every expert on every token (default: when most experts are
-    hit); fixing it keeps a compiled step to one graph for every batch size."""
+    (held equal by tests/test_engine.py)."""
     shape = x.shape
     flat = x.reshape(-1, shape[-1])                                                     # (N,H)
     weights, indices, _ = moe.gate(flat)                                                # (N,K) fp32, (N,K)
@@ -46,7 +45,7 @@ def moe_static(moe: MoE, x: torch.Tensor, dense: bool | None = None) -> torch.Te
     N, K = indices.shape
     E = ex.num_experts
     w_gu, w_down = ex.gate_up_proj, ex.down_proj                                        # (E,2I,H), (E,H,I)
-    if dense if dense is not None else N * K >= E:
+    if N * K >= E:
         # most experts are hit: run all of them on every token (reads each expert's weights once)
         gate, up = torch.einsum("nh,eih->nei", flat, w_gu).chunk(2, dim=-1)             # (N,E,I) x2
         y = torch.einsum("nei,ehi->neh", F.silu(gate) * up, w_down)                     # (N,E,H)
@@ -114,8 +113,8 @@ class ModelRunner:
         bs = self.block_size
         nb = -(-S // bs)
         ids = torch.tensor([toks + [0] * (T - n) for (_, _, toks), n in zip(chunks, lens)], dtype=torch.long)
-        table = torch.tensor([seq.block_table[:nb] + [0] * (nb - len(seq.block_table[:nb]))   # scratch block 0
-                              for seq, _, _ in chunks], dtype=torch.long)                       # (B,nb)
+        table = torch.tensor([(seq.block_table + [0] * nb)[:nb] for seq, _, _ in chunks],   # scratch block 0
+                             dtype=torch.long)                                                  # (B,nb)
         B = len(chunks)
         steps = torch.arange(T)
         valid = steps[None, :] < torch.tensor(lens)[:, None]                                    # (B,T)

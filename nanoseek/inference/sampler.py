@@ -108,16 +108,15 @@ class Sampler:
     # ----- drawing -----
     def exponentials(self, rows: list[Row], V: int, device) -> torch.Tensor:
         """E ~ Exp(1) of shape (R,V): seeded rows from their own generator, the rest from the engine's."""
+        own = [r.seq.generator is not None and not r.params.greedy for r in rows]
+        if not any(own):
+            return torch.empty(len(rows), V, device=device).exponential_(generator=self.generator)
         E = torch.empty(len(rows), V, device=device)
-        own = [i for i, r in enumerate(rows) if r.seq.generator is not None and not r.params.greedy]
-        for i in own:
+        rest = [i for i, o in enumerate(own) if not o]
+        if rest:
+            E[rest] = torch.empty(len(rest), V, device=device).exponential_(generator=self.generator)
+        for i in (i for i, o in enumerate(own) if o):
             E[i].exponential_(generator=rows[i].seq.generator)
-        if len(own) < len(rows):
-            rest = sorted(set(range(len(rows))) - set(own))
-            if len(rest) == len(rows):
-                E.exponential_(generator=self.generator)
-            else:
-                E[rest] = torch.empty(len(rest), V, device=device).exponential_(generator=self.generator)
         return E
 
     def sample(self, probs: torch.Tensor, rows: list[Row]) -> list[int]:

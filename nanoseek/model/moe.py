@@ -114,7 +114,7 @@ def _hybrid(xs, expert, counts, w_gu, w_down):
     mean = counts.sum() / counts.numel()
     heavy = counts > 1.5 * mean                                                          # (E,)
     slot_heavy = heavy[expert]                                                           # (S,)
-    out = torch.empty_like(xs[:, :w_down.shape[1]])
+    out = torch.empty_like(xs)                                                           # (S,H)
     light_idx = (~slot_heavy).nonzero().squeeze(1)
     if light_idx.numel():
         light = (~heavy).nonzero().squeeze(1)                                            # (E_l,)
