@@ -41,7 +41,8 @@ def test_engine_and_trainer_logprobs_agree(tok_dir):
     assert model.config.n_routed_experts > model.config.num_experts_per_tok      # routing is exercised
     llm = rollout_engine(model, tok, max_model_len=128)
     items = get_task("arithmetic").generate(3, seed=5)
-    kept, prompts, outs, _ = generate_groups(llm, tok, items, group_size=4, max_new_tokens=16, seed=1)
+    kept, prompts, outs, _ = generate_groups(llm, tok, items, group_size=4, max_new_tokens=16, seed=1,
+                                             logprobs=True)
     comps = [list(c.token_ids) for o in outs for c in o.outputs]
     engine = [[d[t].logprob for d, t in zip(c.logprobs, c.token_ids)] for o in outs for c in o.outputs]
     batch = sequence_batch(prompts, comps, 4, tok.pad_id)

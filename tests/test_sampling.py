@@ -1,5 +1,5 @@
 """Sampling: processed distributions against hand-computed ones (temperature, top-k, top-p, min-p, penalties), the
-exponential-race draw against its distribution, per-request seeds independent of the batch, stop strings and stop
+inverse-CDF draw against its distribution (engine-seeded and per-request-seeded rows), per-request seeds independent of the batch, stop strings and stop
 ids with a real tokenizer, streaming deltas, and SamplingParams validation."""
 import math
 
@@ -73,14 +73,22 @@ def test_min_tokens_masks_eos_and_stop_ids():
     assert got.tolist() == [0.0, float("-inf"), 0.0, float("-inf")]
 
 
-def test_exponential_race_draws_from_the_distribution():
-    probs = torch.tensor([0.5, 0.25, 0.15, 0.1, 0.0])
+@pytest.mark.parametrize("seeded", [False, True])
+def test_draws_follow_the_distribution(seeded):
+    # zeros in the middle and at the end: a zero-probability token must never be drawn
+    probs = torch.tensor([0.5, 0.0, 0.25, 0.15, 0.1, 0.0])
     sampler = Sampler(set(), "cpu", seed=0)
     n = 20000
-    rows = [row(SamplingParams(temperature=1.0))] * n
-    counts = torch.bincount(torch.tensor(sampler.sample(probs.expand(n, -1), rows)), minlength=5).float()
-    assert counts[4] == 0
-    chi2 = ((counts[:4] - n * probs[:4]) ** 2 / (n * probs[:4])).sum()
+    if seeded:          # each row its own stream, as the engine gives seeded requests: (seed, index) -> generator
+        rows = [row(SamplingParams(temperature=1.0)) for _ in range(n)]
+        for i, r in enumerate(rows):
+            r.seq.generator = torch.Generator().manual_seed(1000 + i)
+    else:
+        rows = [row(SamplingParams(temperature=1.0))] * n
+    counts = torch.bincount(torch.tensor(sampler.sample(probs.expand(n, -1), rows)), minlength=6).float()
+    assert counts[1] == 0 and counts[5] == 0
+    keep = probs > 0
+    chi2 = ((counts[keep] - n * probs[keep]) ** 2 / (n * probs[keep])).sum()
     assert chi2 < 16.3                                        # chi-square, 3 dof, p = 0.001
 
 

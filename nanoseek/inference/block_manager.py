@@ -172,28 +172,29 @@ class BlockManager:
 
     def slots_cost(self, seq: Sequence, num_slots: int) -> int:
         """Free blocks needed so that seq can write positions [num_computed, num_slots)."""
-        bs = self.block_size
-        new = max(0, self.blocks_for(num_slots) - len(seq.block_table))
-        first, last = seq.num_computed // bs, min(len(seq.block_table), self.blocks_for(num_slots))
-        shared = sum(1 for i in range(first, last) if self.blocks[seq.block_table[i]].ref_count > 1)
-        return new + shared
+        need, table = -(-num_slots // self.block_size), seq.block_table
+        shared = 0
+        for i in range(seq.num_computed // self.block_size, min(len(table), need)):
+            if self.blocks[table[i]].ref_count > 1:
+                shared += 1
+        return max(0, need - len(table)) + shared
 
     def can_grow(self, seq: Sequence, num_slots: int) -> bool:
-        return self.slots_cost(seq, num_slots) <= self.num_free_blocks
+        return self.slots_cost(seq, num_slots) <= len(self.free)
 
     def ensure_slots(self, seq: Sequence, num_slots: int) -> None:
         """Give seq blocks for positions < num_slots, copying shared blocks it is about to write (caller checked
         can_grow / can_admit)."""
-        bs = self.block_size
-        for i in range(seq.num_computed // bs, min(len(seq.block_table), self.blocks_for(num_slots))):
-            old = self.blocks[seq.block_table[i]]
+        bs, table = self.block_size, seq.block_table
+        for i in range(seq.num_computed // bs, min(len(table), -(-num_slots // bs))):
+            old = self.blocks[table[i]]
             if old.ref_count > 1:                              # copy-on-write
                 old.ref_count -= 1
                 new = self._take()
                 self.pending_copies.append((old.id, new))
-                seq.block_table[i] = new
-        while len(seq.block_table) * bs < num_slots:
-            seq.block_table.append(self._take())
+                table[i] = new
+        while len(table) * bs < num_slots:
+            table.append(self._take())
 
     def free_seq(self, seq: Sequence) -> None:
         # Tail blocks first: they are evicted first, so shared prefixes stay cached longest.

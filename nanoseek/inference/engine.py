@@ -245,11 +245,12 @@ class LLMEngine:
         chosen: dict[int, int] = {}                                                     # row -> emitted token
         lp_of: dict[int, dict | None] = {}
         if rows:
-            bi, ti = torch.tensor([w[0] for w in where]), torch.tensor([w[1] for w in where])
-            logits = self.runner.logits_at(hidden, bi, ti)                              # (R,V) fp32
+            logits = self.runner.logits_at(hidden, [w[0] for w in where], [w[1] for w in where])   # (R,V) fp32
             probs = self.sampler.probs(logits, rows)                                    # (R,V)
             plain = [p[3][0] for p in plan if p[3] and not p[0].draft_tokens]
-            if plain:
+            if len(plain) == len(rows):                                                 # no verification window
+                chosen.update(zip(plain, self.sampler.sample(probs, rows)))
+            elif plain:
                 chosen.update(zip(plain, self.sampler.sample(probs[plain], [rows[i] for i in plain])))
             for seq, _, _, ids in plan:
                 if seq.draft_tokens:
@@ -258,8 +259,9 @@ class LLMEngine:
                     self.stats["accepted_tokens"] += len(toks) - 1
                     chosen.update(zip(ids, toks))
             order = sorted(chosen)
-            lp_of = dict(zip(order, self.sampler.logprobs(logits[order], [rows[i] for i in order],
-                                                          [chosen[i] for i in order])))
+            if any(rows[i].params.logprobs is not None for i in order):
+                lp_of = dict(zip(order, self.sampler.logprobs(logits[order], [rows[i] for i in order],
+                                                              [chosen[i] for i in order])))
         drafting = []
         for seq, b, start, ids in plan:
             touched[seq.request.request_id] = seq.request
@@ -268,11 +270,12 @@ class LLMEngine:
                 continue
             seq.draft_tokens, seq.draft_probs = [], None
             for i in ids:
-                if i not in chosen or self._append(seq, chosen[i], lp_of[i]):
+                if i not in chosen or self._append(seq, chosen[i], lp_of.get(i)):
                     break
             if not seq.is_finished:
                 seq.num_computed = seq.num_tokens - 1                                   # newest token: no KV yet
-                drafting.append((seq, b, start, self._draft_budget(seq)))
+                if self.drafter is not None:
+                    drafting.append((seq, b, start, self._draft_budget(seq)))
         if self.drafter is not None:
             self.drafter.propose(drafting, hidden, absorb)
 

@@ -140,11 +140,13 @@ class ModelRunner:
         return self.model.model(batch.ids, batch.positions, view, False, batch.mask)
 
     @torch.no_grad()
-    def logits_at(self, hidden: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def logits_at(self, hidden: torch.Tensor, b: list[int], t: list[int]) -> torch.Tensor:
         """fp32 logits (R,V) of positions (b[i], t[i]) of the last forward's hidden states (B,T,H)."""
         if self._step_logits is not None:
-            return self._step_logits[b, t]
-        return self.logits(hidden[b, t])
+            if t.count(0) == len(t) == self._step_logits.shape[0] and b == list(range(len(b))):
+                return self._step_logits[:, 0]                 # a plain decode step: every row, in order
+            return self._step_logits[torch.tensor(b), torch.tensor(t)]
+        return self.logits(hidden[torch.tensor(b), torch.tensor(t)])
 
     def _decode_eager(self, ids, positions, slots, gather, mask, kv):
         """The decode step: DecoderLayer.forward written out so the MoE can take its static path, and the head

@@ -5,8 +5,10 @@ on the logits; then greedy rows take the argmax, the others go through temperatu
 a probability vector. `probs()` returns that processed distribution (one-hot for greedy rows) because speculative
 decoding's rejection sampler needs it explicitly; `sample()` draws from it.
 
-Drawing uses the exponential race: argmax(p / E) with E ~ Exp(1) i.i.d. is an exact draw from p, and each seeded
-row draws its E from its own torch.Generator, so a seeded request's output does not depend on what else is batched.
+Drawing inverts each row's CDF at one uniform u: the first token whose cumulative probability exceeds u is an exact
+draw from p. One random number per row, where the exponential race (argmax p / E, E ~ Exp(1)) needs V of them:
+0.3 ms a step at 32 rows x 512 tokens on CPU, ~80 ms at a 129K vocabulary. Each seeded row draws its u from its own
+torch.Generator, so a seeded request's output does not depend on what else is batched.
 Logprobs are the raw model distribution (log_softmax of the logits before any processing), vLLM's default.
 """
 from __future__ import annotations
@@ -18,6 +20,8 @@ import torch
 from nanoseek.inference.params import SamplingParams
 from nanoseek.inference.sequence import Logprob, Sequence
 
+UNIFORM_BLOCK = 256             # draws a seeded sequence takes from its generator at once (capped by max_tokens)
+
 
 @dataclass
 class Row:
@@ -25,10 +29,10 @@ class Row:
     in a verification window)."""
     seq: Sequence
     extra: list[int] = field(default_factory=list)
+    params: SamplingParams = field(init=False)      # the request's, looked up once (read ~10 times a step)
 
-    @property
-    def params(self) -> SamplingParams:
-        return self.seq.params
+    def __post_init__(self):
+        self.params = self.seq.request.params
 
     def num_output_tokens(self) -> int:
         return self.seq.num_output_tokens + len(self.extra)
@@ -72,63 +76,86 @@ class Sampler:
 
     def probs(self, logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
         """logits (R,V) -> processed probabilities (R,V) fp32; one-hot argmax for greedy rows."""
-        if all(r.params.greedy and not r.params.has_penalties and not r.params.min_tokens for r in rows):
+        ps = [r.params for r in rows]
+        adjust = any(p.has_penalties or p.min_tokens for p in ps)
+        greedy_rows = [p.greedy for p in ps]
+        if all(greedy_rows) and not adjust:
             return torch.zeros_like(logits, dtype=torch.float32).scatter_(1, logits.argmax(-1, keepdim=True), 1.0)
-        logits = self.adjust_logits(logits.float().clone(), rows)
+        logits = self.adjust_logits(logits.float().clone(), rows) if adjust else logits.float()
         R, V = logits.shape
-        greedy = torch.tensor([r.params.greedy for r in rows], device=logits.device)
-        temp = torch.tensor([1.0 if r.params.greedy else r.params.temperature for r in rows],
-                            device=logits.device)[:, None]
-        logits = logits / temp
-        if any(r.params.min_p > 0 for r in rows):
-            min_p = torch.tensor([r.params.min_p for r in rows], device=logits.device)[:, None]
+        temps = [1.0 if g else p.temperature for g, p in zip(greedy_rows, ps)]
+        if any(t != 1.0 for t in temps):
+            logits = logits / torch.tensor(temps, device=logits.device)[:, None]
+        if any(p.min_p > 0 for p in ps):
+            min_p = torch.tensor([p.min_p for p in ps], device=logits.device)[:, None]
             p = logits.softmax(-1)
             logits = logits.masked_fill(p < min_p * p.amax(-1, keepdim=True), float("-inf"))
-        need_k = any(r.params.top_k_enabled for r in rows)
-        need_p = any(r.params.top_p < 1.0 for r in rows)
+        need_k = any(p.top_k_enabled for p in ps)
+        need_p = any(p.top_p < 1.0 for p in ps)
         if need_k or need_p:
             sorted_logits, order = logits.sort(dim=-1, descending=True)                  # (R,V)
             remove = torch.zeros_like(sorted_logits, dtype=torch.bool)
             if need_k:
-                k = torch.tensor([r.params.top_k if r.params.top_k_enabled else V for r in rows],
-                                 device=logits.device)
+                k = torch.tensor([p.top_k if p.top_k_enabled else V for p in ps], device=logits.device)
                 remove |= torch.arange(V, device=logits.device)[None, :] >= k[:, None]
             if need_p:
-                top_p = torch.tensor([r.params.top_p for r in rows], device=logits.device)[:, None]
+                top_p = torch.tensor([p.top_p for p in ps], device=logits.device)[:, None]
                 p_sorted = sorted_logits.masked_fill(remove, float("-inf")).softmax(-1)
                 # keep a token while the mass strictly before it is < top_p (the first token is always kept)
                 remove |= (p_sorted.cumsum(-1) - p_sorted) >= top_p
             logits = logits.scatter(1, order, sorted_logits.masked_fill(remove, float("-inf")))
         probs = logits.softmax(-1)
-        if greedy.any():
+        if any(greedy_rows):
+            greedy = torch.tensor(greedy_rows, device=logits.device)
             onehot = torch.zeros_like(probs).scatter_(1, logits.argmax(-1, keepdim=True), 1.0)
             probs = torch.where(greedy[:, None], onehot, probs)
         return probs
 
     # ----- drawing -----
-    def exponentials(self, rows: list[Row], V: int, device) -> torch.Tensor:
-        """E ~ Exp(1) of shape (R,V): seeded rows from their own generator, the rest from the engine's."""
-        own = [r.seq.generator is not None and not r.params.greedy for r in rows]
-        if not any(own):
-            return torch.empty(len(rows), V, device=device).exponential_(generator=self.generator)
-        E = torch.empty(len(rows), V, device=device)
-        rest = [i for i, o in enumerate(own) if not o]
+    def uniforms(self, rows: list[Row], device) -> torch.Tensor:
+        """One U[0,1) per row (R,): seeded rows from their own generator, the rest from the engine's; greedy rows
+        (one-hot distributions, where any u picks the argmax) draw nothing."""
+        u = [0.5] * len(rows)
+        rest = []
+        for i, r in enumerate(rows):
+            if r.params.greedy:
+                continue
+            if r.seq.generator is not None:
+                u[i] = self._seeded_uniform(r)
+            else:
+                rest.append(i)
+        out = torch.tensor(u, device=device)
         if rest:
-            E[rest] = torch.empty(len(rest), V, device=device).exponential_(generator=self.generator)
-        for i in (i for i, o in enumerate(own) if o):
-            E[i].exponential_(generator=rows[i].seq.generator)
-        return E
+            out[rest] = torch.rand(len(rest), generator=self.generator, device=device)
+        return out
+
+    @staticmethod
+    def _seeded_uniform(row: Row) -> float:
+        """The next draw of a seeded sequence's stream (a function of the seed alone, so a seeded request's output
+        does not depend on its batch). Drawn ahead in blocks: one generator call per block, not per token."""
+        seq = row.seq
+        if not seq.uniforms:
+            left = row.params.max_tokens - row.num_output_tokens() if row.params.max_tokens else UNIFORM_BLOCK
+            n = max(1, min(UNIFORM_BLOCK, left))
+            seq.uniforms = torch.rand(n, generator=seq.generator, device=seq.generator.device).tolist()[::-1]
+        return seq.uniforms.pop()
 
     def sample(self, probs: torch.Tensor, rows: list[Row]) -> list[int]:
-        """Draw one token per row from probs (R,V)."""
+        """Draw one token per row from probs (R,V) by inverting its CDF at the row's uniform."""
         if all(r.params.greedy for r in rows):
             return probs.argmax(-1).tolist()
-        E = self.exponentials(rows, probs.shape[1], probs.device)
-        return (probs / E).argmax(-1).tolist()
+        u = self.uniforms(rows, probs.device)                                           # (R,)
+        cdf = probs.cumsum(-1)                                                          # (R,V)
+        # first token whose CDF exceeds u * total: a zero-probability token adds nothing to the CDF, so it is
+        # never chosen; u * total may round up to the total itself (p ~ 2^-24), then take the argmax
+        tok = torch.searchsorted(cdf, (u[:, None] * cdf[:, -1:]).contiguous(), right=True)[:, 0]
+        return torch.where(tok < probs.shape[1], tok, probs.argmax(-1)).tolist()
 
     def uniform(self, row: Row) -> float:
-        g = row.seq.generator if row.seq.generator is not None else self.generator
-        return float(torch.rand(1, generator=g, device=g.device))
+        """A single U[0,1) for `row` (speculative decoding's accept test), from the same stream as sample()."""
+        if row.seq.generator is not None:
+            return self._seeded_uniform(row)
+        return float(torch.rand(1, generator=self.generator, device=self.generator.device))
 
     # ----- logprobs -----
     @staticmethod

@@ -48,6 +48,7 @@ class Sequence:
         self.logprobs: list[dict[int, Logprob]] | None = [] if request.params.logprobs is not None else None
         self.cumulative_logprob = 0.0
         self.generator: torch.Generator | None = None
+        self.uniforms: list[float] = []         # U[0,1) draws taken ahead from `generator`, next one last
         # speculative decoding: proposed tokens for the next step and the draft distribution they came from
         self.draft_tokens: list[int] = []
         self.draft_probs: torch.Tensor | None = None   # (k, V) fp32, None for greedy drafts

@@ -88,7 +88,6 @@ class Rollout:
     completions: list[list[int]]                # (S,) token ids, EOS included when the model stopped
     texts: list[str]                            # (S,) decoded, special tokens skipped
     truncated: list[bool]                       # (S,) hit max_new_tokens / the context
-    engine_logprobs: list[list[float]]          # (S,) the engine's log p of each sampled token (raw logits)
     rewards: torch.Tensor                       # (S,) weighted sum of the terms
     parts: dict[str, torch.Tensor]              # name -> (S,) each term, unweighted
     group_size: int
@@ -106,7 +105,7 @@ class Rollout:
         idx = torch.tensor(seqs, dtype=torch.long)
         return Rollout([self.items[g] for g in groups], [self.prompts[g] for g in groups],
                        [self.completions[s] for s in seqs], [self.texts[s] for s in seqs],
-                       [self.truncated[s] for s in seqs], [self.engine_logprobs[s] for s in seqs],
+                       [self.truncated[s] for s in seqs],
                        self.rewards[idx], {k: v[idx] for k, v in self.parts.items()}, G, self.seconds,
                        list(self.errors))
 
@@ -115,7 +114,7 @@ class Rollout:
         first = parts[0]
         cat = lambda name: [x for p in parts for x in getattr(p, name)]   # noqa: E731
         return Rollout(cat("items"), cat("prompts"), cat("completions"), cat("texts"), cat("truncated"),
-                       cat("engine_logprobs"), torch.cat([p.rewards for p in parts]),
+                       torch.cat([p.rewards for p in parts]),
                        {k: torch.cat([p.parts[k] for p in parts]) for k in first.parts}, first.group_size,
                        sum(p.seconds for p in parts), cat("errors"))
 
@@ -152,8 +151,10 @@ def score(texts: list[str], items: list[TaskItem], terms: list[tuple[str, Reward
 
 def generate_groups(llm, tokenizer, items: list[TaskItem], group_size: int, max_new_tokens: int,
                     temperature: float = 1.0, seed: int = 0, system_prompt: str | None = None,
-                    max_model_len: int | None = None) -> tuple[list[TaskItem], list[list[int]], list, list[str]]:
-    """Sample G completions per item with the engine -> (kept items, their prompts, their outputs, skipped).
+                    max_model_len: int | None = None, logprobs: bool = False
+                    ) -> tuple[list[TaskItem], list[list[int]], list, list[str]]:
+    """Sample G completions per item with the engine -> (kept items, their prompts, their outputs, skipped);
+    logprobs: the outputs carry the engine's log p of each sampled token.
     Prompts that leave no room for max_new_tokens in the context are skipped and reported, not sent."""
     from nanoseek.inference.params import SamplingParams
 
@@ -170,8 +171,10 @@ def generate_groups(llm, tokenizer, items: list[TaskItem], group_size: int, max_
     if not prompts:
         return [], [], [], skipped
     # one seed per prompt: the engine seeds completion j of a request with (seed, j), so a rollout is a pure
-    # function of (weights, seed), whatever the batch composition
-    params = [SamplingParams(n=group_size, temperature=temperature, max_tokens=max_new_tokens, logprobs=0,
+    # function of (weights, seed), whatever the batch composition. GRPO asks for no logprobs: the trainer
+    # recomputes them (and mu == 1 needs none); the engine's cost ~0.25 ms a step
+    params = [SamplingParams(n=group_size, temperature=temperature, max_tokens=max_new_tokens,
+                             logprobs=0 if logprobs else None,
                              seed=seed * 1_000_003 + i) for i in range(len(prompts))]
     outs = llm.generate(prompts, params)
     return kept, prompts, outs, skipped
@@ -187,12 +190,11 @@ def rollout(llm, tokenizer, items: list[TaskItem], terms, group_size: int, max_n
     seconds = time.perf_counter() - t0
     comps = [c for o in outs for c in o.outputs]
     completions = [list(c.token_ids) for c in comps]
-    lps = [[d[t].logprob for d, t in zip(c.logprobs, c.token_ids)] for c in comps]
     texts = [c.text for c in comps]
     rep = [it for it in kept for _ in range(group_size)]
     rewards, parts, ok, errs = score(texts, rep, terms, [len(c) for c in completions],
                                      (max_new_tokens, overlong_buffer))
-    r = Rollout(kept, prompts, completions, texts, [c.finish_reason == "length" for c in comps], lps, rewards,
+    r = Rollout(kept, prompts, completions, texts, [c.finish_reason == "length" for c in comps], rewards,
                 parts, group_size, seconds, errors + errs)
     if not kept:
         return r
@@ -239,9 +241,10 @@ def completion_logprobs(model, batch: SequenceBatch, temperature: float = 1.0, w
     rows = rows or slice(None)
     ids, index = batch.input_ids[rows], batch.index[rows]
     dev = next(model.parameters()).device
-    logits = model(ids.to(dev))                                                         # (S,L-1,V)
-    V = logits.shape[-1]
-    logits = logits.gather(1, index.to(dev)[..., None].expand(-1, -1, V)) / temperature  # (S,T,V)
+    hidden = model.model(ids.to(dev), torch.arange(ids.shape[1], device=dev))            # (S,L-1,H)
+    # the head only where a completion token is predicted (the prompt's positions need no logits)
+    hidden = hidden.gather(1, index.to(dev)[..., None].expand(-1, -1, hidden.shape[-1]))  # (S,T,H)
+    logits = model.lm_head(hidden) / temperature                                        # (S,T,V)
     logp = token_logprobs(logits, batch.tokens[rows].to(dev))
     ent = token_entropy(logits.detach()) if with_entropy else None
     return logp, ent
