@@ -140,8 +140,8 @@ def grpo(cfg: GRPOConfig, reward_fns: dict | None = None) -> dict:
     from nanoseek.train.metrics import MetricsLog, plot_curves, read_metrics
     from nanoseek.train.optim import build_optimizer, clip_grad_norm, set_lr
     from nanoseek.train.rl import group_advantages, informative_groups, policy_loss
-    from nanoseek.train.rollout import (Rollout, RolloutError, completion_logprobs, parse_reward_spec, rollout,
-                                        rollout_engine, sequence_batch)
+    from nanoseek.train.logprobs import completion_logprobs, sequence_batch
+    from nanoseek.train.rollout import Rollout, RolloutError, parse_reward_spec, rollout, rollout_engine
     from nanoseek.train.schedules import lr_at
 
     # ------------------------------------------------------------------ setup: checks first, before any work

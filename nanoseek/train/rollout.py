@@ -1,5 +1,5 @@
-"""Rollouts for RL and rejection sampling: prompts -> G completions each from the nanoseek engine -> rewards,
-and the trainer-side recomputation of the sampled tokens' log-probabilities.
+"""Rollouts for RL and rejection sampling: prompts -> G completions each from the nanoseek engine -> rewards.
+(The trainer-side recomputation of the sampled tokens' log-probabilities is in `nanoseek.train.logprobs`.)
 
 Shapes: P prompts, G completions per prompt, S = P*G sequences (group by group), L padded prompt+completion
 length, T padded completion length, V vocabulary.
@@ -25,7 +25,6 @@ import torch
 
 from nanoseek.data.tasks import TaskItem
 from nanoseek.errors import ConfigError, NanoseekError
-from nanoseek.train.rl import token_entropy, token_logprobs
 
 RewardFn = Callable[[str, TaskItem], float]
 
@@ -202,49 +201,3 @@ def rollout(llm, tokenizer, items: list[TaskItem], terms, group_size: int, max_n
     if not good.all():
         r = r.select([g for g in range(len(kept)) if good[g]])
     return r
-
-
-# ----------------------------------------------------------------------------- trainer side
-@dataclass
-class SequenceBatch:
-    input_ids: torch.Tensor       # (S,L-1) prompt+completion minus the last token, right-padded
-    index: torch.Tensor           # (S,T) position in input_ids whose logits predict completion token t
-    tokens: torch.Tensor          # (S,T) completion tokens, 0 in padding
-    mask: torch.Tensor            # (S,T) float, 1 on real completion tokens
-
-
-def sequence_batch(prompts: list[list[int]], completions: list[list[int]], group_size: int,
-                   pad_id: int = 0) -> SequenceBatch:
-    """Lay out prompt+completion pairs (prompt g serves completions g*G..g*G+G-1) for one teacher-forced pass."""
-    S = len(completions)
-    full = [prompts[s // group_size] + completions[s] for s in range(S)]
-    L = max(len(f) for f in full)
-    T = max(1, max(len(c) for c in completions))
-    input_ids = torch.full((S, L - 1), pad_id, dtype=torch.long)
-    index = torch.zeros(S, T, dtype=torch.long)
-    tokens = torch.zeros(S, T, dtype=torch.long)
-    mask = torch.zeros(S, T)
-    for s, f in enumerate(full):
-        input_ids[s, :len(f) - 1] = torch.tensor(f[:-1])
-        n, p = len(completions[s]), len(prompts[s // group_size])
-        if n:
-            index[s, :n] = torch.arange(p - 1, p - 1 + n)     # logits at position i predict token i+1
-            tokens[s, :n] = torch.tensor(completions[s])
-            mask[s, :n] = 1.0
-    return SequenceBatch(input_ids, index, tokens, mask)
-
-
-def completion_logprobs(model, batch: SequenceBatch, temperature: float = 1.0, with_entropy: bool = False,
-                        rows: slice | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log pi(completion token) (S,T) in fp32 from one forward pass, and the per-token entropy when asked.
-    Logits are divided by the sampling temperature: that is the distribution the tokens were drawn from."""
-    rows = rows or slice(None)
-    ids, index = batch.input_ids[rows], batch.index[rows]
-    dev = next(model.parameters()).device
-    hidden = model.model(ids.to(dev), torch.arange(ids.shape[1], device=dev))            # (S,L-1,H)
-    # the head only where a completion token is predicted (the prompt's positions need no logits)
-    hidden = hidden.gather(1, index.to(dev)[..., None].expand(-1, -1, hidden.shape[-1]))  # (S,T,H)
-    logits = model.lm_head(hidden) / temperature                                        # (S,T,V)
-    logp = token_logprobs(logits, batch.tokens[rows].to(dev))
-    ent = token_entropy(logits.detach()) if with_entropy else None
-    return logp, ent
