@@ -207,8 +207,8 @@ def test_decode_moe_paths_match_model_moe(model, n_tokens):
 @torch.no_grad()
 def test_compiled_decode_matches_eager_with_few_graphs(model):
     """compile=True: the same greedy tokens as the eager engine, batch 1 and mixed batches, and at most three graphs
-    (batch 1; batches below E/K, which gather their experts; the rest, which run every expert), not one per
-    batch size or context length; the new latents land in the engine's own cache tensors."""
+    (batch 1, and inductor's own split of small from larger batches; on CPU the MoE gathers its experts at every
+    batch size), not one per batch size or context length; the new latents land in the engine's own cache tensors."""
     from torch._dynamo.utils import counters
 
     if not torch._dynamo.is_dynamo_supported():
@@ -223,8 +223,8 @@ def test_compiled_decode_matches_eager_with_few_graphs(model):
         want, got = run(eager, reqs), run(compiled, reqs)
         assert {k: v.outputs[0].token_ids for k, v in got.items()} == \
                {k: v.outputs[0].token_ids for k, v in want.items()}
-    assert 7 * cfg.num_experts_per_tok >= cfg.n_routed_experts > 2 * cfg.num_experts_per_tok   # all 3 paths ran
-    assert counters["stats"]["unique_graphs"] <= 3
+    assert 7 * cfg.num_experts_per_tok >= cfg.n_routed_experts > 2 * cfg.num_experts_per_tok   # batches on both
+    assert counters["stats"]["unique_graphs"] <= 3                                          # sides of E/K ran
     kv0 = compiled.cache.kv[0]
     ptr = kv0.data_ptr()
     run(compiled, {"x": (prompts(1, seed=5)[0], SamplingParams(max_tokens=3, **GREEDY))})

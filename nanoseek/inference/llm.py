@@ -127,7 +127,7 @@ class LLM:
         return render(self.tokenizer, messages, add_generation_prompt=True)[0]
 
     def warmup(self) -> None:
-        """Decode a few tokens at the batch sizes that select each compiled graph (1, 2, and E/K where the MoE
+        """Decode a few tokens at the batch sizes that select each compiled graph (1, 2, and E/K where the CUDA MoE
         switches to running every expert), so that a compiled engine compiles now rather than on live requests."""
         cfg = self.model.config
         sizes = {1, 2, max(2, -(-cfg.n_routed_experts // max(cfg.num_experts_per_tok, 1)))}

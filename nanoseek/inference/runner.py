@@ -45,8 +45,11 @@ def moe_static(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     N, K = indices.shape
     E = ex.num_experts
     w_gu, w_down = ex.gate_up_proj, ex.down_proj                                        # (E,2I,H), (E,H,I)
-    if N * K >= E:
-        # most experts are hit: run all of them on every token (reads each expert's weights once)
+    if x.is_cuda and N * K >= E:           # (device first: a test of N alone would split the compiled graph)
+        # CUDA, most experts hit: run all of them on every token (reads each expert's weights once; the gather
+        # below would copy N*K experts' weights). On CPU inductor fuses the gather into the matmuls, and that
+        # measured 2.2x faster than this dense form at 16 tokens (7 MoE layers of the bench model: 3.6 vs 7.8 ms),
+        # 1.9x at 256
         gate, up = torch.einsum("nh,eih->nei", flat, w_gu).chunk(2, dim=-1)             # (N,E,I) x2
         y = torch.einsum("nei,ehi->neh", F.silu(gate) * up, w_down)                     # (N,E,H)
         route = torch.zeros(N, E, dtype=weights.dtype, device=x.device).scatter_(1, indices, weights)
@@ -63,8 +66,8 @@ def moe_static(moe: MoE, x: torch.Tensor) -> torch.Tensor:
 
 def moe_decode(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     """The decode-step MoE. CUDA, and inside a compiled step: `moe_static` (no host sync, so the step is one
-    graph; its gather/dense choice depends only on the batch size, so a compiled step has at most three graphs:
-    batch 1, batches below E/K, the rest). Eager CPU, where a host sync is free: one token runs its K experts
+    graph; on CPU it always gathers, so the batch size picks no branch: the compiled step has batch 1's graph and
+    inductor's, at most three). Eager CPU, where a host sync is free: one token runs its K experts
     straight from the stacked weights (no gather copy, no sort); more tokens take the model's own sort-by-expert
     dispatch, which reads each active expert once."""
     if x.is_cuda or torch.compiler.is_compiling():
