@@ -246,12 +246,15 @@ class LLMEngine:
         lp_of: dict[int, dict | None] = {}
         if rows:
             logits = self.runner.logits_at(hidden, [w[0] for w in where], [w[1] for w in where])   # (R,V) fp32
-            probs = self.sampler.probs(logits, rows)                                    # (R,V)
             plain = [p[3][0] for p in plan if p[3] and not p[0].draft_tokens]
-            if len(plain) == len(rows):                                                 # no verification window
-                chosen.update(zip(plain, self.sampler.sample(probs, rows)))
-            elif plain:
-                chosen.update(zip(plain, self.sampler.sample(probs[plain], [rows[i] for i in plain])))
+            if len(plain) == len(rows) and self.sampler.plain_greedy(rows):            # argmax of the raw logits
+                chosen.update(zip(plain, logits.argmax(-1).tolist()))
+            else:
+                probs = self.sampler.probs(logits, rows)                                # (R,V)
+                if len(plain) == len(rows):                                             # no verification window
+                    chosen.update(zip(plain, self.sampler.sample(probs, rows)))
+                elif plain:
+                    chosen.update(zip(plain, self.sampler.sample(probs[plain], [rows[i] for i in plain])))
             for seq, _, _, ids in plan:
                 if seq.draft_tokens:
                     toks = accept_drafts(self.sampler, rows[ids[0]], seq.draft_tokens, probs[ids], seq.draft_probs)

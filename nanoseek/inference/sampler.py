@@ -74,6 +74,11 @@ class Sampler:
         logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
         return logits - freq * counts - pres * (counts > 0).float()
 
+    @staticmethod
+    def plain_greedy(rows: list[Row]) -> bool:
+        """Every row is greedy with nothing to adjust: the token is the argmax of the raw logits."""
+        return all(r.params.greedy and not r.params.has_penalties and not r.params.min_tokens for r in rows)
+
     def probs(self, logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
         """logits (R,V) -> processed probabilities (R,V) fp32; one-hot argmax for greedy rows."""
         ps = [r.params for r in rows]
