@@ -172,7 +172,7 @@ class BlockManager:
 
     def slots_cost(self, seq: Sequence, num_slots: int) -> int:
         """Free blocks needed so that seq can write positions [num_computed, num_slots)."""
-        need, table = -(-num_slots // self.block_size), seq.block_table
+        need, table = self.blocks_for(num_slots), seq.block_table
         shared = 0
         for i in range(seq.num_computed // self.block_size, min(len(table), need)):
             if self.blocks[table[i]].ref_count > 1:
@@ -186,7 +186,7 @@ class BlockManager:
         """Give seq blocks for positions < num_slots, copying shared blocks it is about to write (caller checked
         can_grow / can_admit)."""
         bs, table = self.block_size, seq.block_table
-        for i in range(seq.num_computed // bs, min(len(table), -(-num_slots // bs))):
+        for i in range(seq.num_computed // bs, min(len(table), self.blocks_for(num_slots))):
             old = self.blocks[table[i]]
             if old.ref_count > 1:                              # copy-on-write
                 old.ref_count -= 1

@@ -82,11 +82,11 @@ class Sampler:
 
     def probs(self, logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
         """logits (R,V) -> processed probabilities (R,V) fp32; one-hot argmax for greedy rows."""
+        if self.plain_greedy(rows):
+            return torch.zeros_like(logits, dtype=torch.float32).scatter_(1, logits.argmax(-1, keepdim=True), 1.0)
         ps = [r.params for r in rows]
         adjust = any(p.has_penalties or p.min_tokens for p in ps)
         greedy_rows = [p.greedy for p in ps]
-        if all(greedy_rows) and not adjust:
-            return torch.zeros_like(logits, dtype=torch.float32).scatter_(1, logits.argmax(-1, keepdim=True), 1.0)
         logits = self.adjust_logits(logits.float().clone(), rows) if adjust else logits.float()
         R, V = logits.shape
         temps = [1.0 if g else p.temperature for g, p in zip(greedy_rows, ps)]

@@ -63,10 +63,11 @@ def sequence_batch(prompts: list[list[int]], completions: list[list[int]], group
             mask[s, :n] = 1.0
     batch = SequenceBatch(input_ids, index, tokens, mask, G)
     if G > 1 and pack is not False:
-        packed = pack_groups(prompts, completions, G, T, pad_id)
-        P, Lp = packed.input_ids.shape
-        if pack or P * Lp ** 2 <= PACK_ATTENTION_RATIO * S * (L - 1) ** 2:
-            batch.packed = packed
+        # packed row length: the prompt, then each completion minus its last token
+        Lp = max(len(p) + sum(max(len(c) - 1, 0) for c in completions[g * G:(g + 1) * G])
+                 for g, p in enumerate(prompts))
+        if pack or len(prompts) * Lp ** 2 <= PACK_ATTENTION_RATIO * S * (L - 1) ** 2:
+            batch.packed = pack_groups(prompts, completions, G, T, pad_id)
     return batch
 
 
