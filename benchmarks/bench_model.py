@@ -2,7 +2,10 @@
 
 Both models run in one process, interleaved, on the same batches, at equal precision (fp32, then bf16
 autocast); the script prints both times, the ratio, and each side's model FLOPs utilization against this
-machine's matmul peak measured in the same run at that precision.
+machine's matmul peak measured in the same run at that precision. A step is forward, next-token cross-entropy
+(log-softmax in fp32) and backward, each side the way its library trains: transformers' logits into
+F.cross_entropy (what its `labels=` loss does), nanoseek's hidden states into its fused head + loss
+(`compute_logits=False`, `train.losses.cross_entropy(..., head_weight=)`). The two losses are checked equal.
 
     python benchmarks/bench_model.py                 # ~18M-param MoE (hidden 256, 8 layers, 16 experts top-4)
     python benchmarks/bench_model.py --batch 8 --seq 256 --iters 10
@@ -17,19 +20,25 @@ import torch
 
 import nanoseek
 from nanoseek.accounting import count_params
+from nanoseek.train.losses import cross_entropy
 
 from common import bench_config, hf_twin, matmul_peak  # noqa: E402  (benchmarks/ holds scripts)
 
 
-def step_time(model, ids, autocast_dtype):
+def step(model, ids, autocast_dtype) -> tuple[float, float]:
+    """(seconds, loss) of one forward + loss + backward; targets are the next tokens."""
+    inputs, targets = ids[:, :-1], ids[:, 1:]
     t = time.perf_counter()
     with torch.autocast("cpu", dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        out = model(ids)
-        logits = out if isinstance(out, torch.Tensor) else out.logits
-        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), ids.flatten())
+        if isinstance(model, nanoseek.DeepseekForCausalLM):
+            hidden = model(inputs, compute_logits=False).hidden
+            loss = cross_entropy(hidden, targets, head_weight=model.lm_head.weight)
+        else:
+            logits = model(inputs).logits
+            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
     loss.backward()
     model.zero_grad(set_to_none=True)
-    return time.perf_counter() - t
+    return time.perf_counter() - t, loss.item()
 
 
 def main():
@@ -63,11 +72,14 @@ def main():
         peak = matmul_peak(dt or torch.float32)
         times = {"ours": [], "hf": []}
         for i in range(args.iters + 2):
-            ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g)
+            ids = torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=g)
+            losses = {}
             for side, model in (("ours", ours), ("hf", hf)) if i % 2 else (("hf", hf), ("ours", ours)):
-                t = step_time(model, ids, dt)
+                t, losses[side] = step(model, ids, dt)
                 if i >= 2:                            # two warm-up steps
                     times[side].append(t)
+            if abs(losses["ours"] - losses["hf"]) > (1e-4 if dt is None else 2e-2) * abs(losses["hf"]):
+                raise SystemExit(f"losses differ: nanoseek {losses['ours']:.6f}, transformers {losses['hf']:.6f}")
         ours_t, hf_t = statistics.median(times["ours"]), statistics.median(times["hf"])
         mfu = lambda t: flops_per_token * tokens / t / (peak * 1e9)  # noqa: E731
         print(f"{name:<16}{ours_t * 1e3:>12.1f}{hf_t * 1e3:>17.1f}{hf_t / ours_t:>8.2f}x{peak:>11.0f}"

@@ -1,8 +1,8 @@
 """Training throughput of nanoseek vs transformers' DeepseekV3ForCausalLM: same config, weights, data, optimizer
 and precision, in one process.
 
-Each side runs full optimizer steps on the same packed batches of the generated corpus: forward, next-token CE,
-backward, gradient clipping at 1.0, AdamW (0.9, 0.95, wd 0.1 on matrices). nanoseek's step also does its
+Each side runs full optimizer steps on the same packed batches of the generated corpus: forward, next-token CE
+(nanoseek's lm_head fused into it, as its pretrain recipe does; transformers' logits into the same CE), backward, gradient clipping at 1.0, AdamW (0.9, 0.95, wd 0.1 on matrices). nanoseek's step also does its
 aux-loss-free bias update and sequence-wise balance loss (the pretrain recipe's step), which transformers' model
 does not have: the comparison charges nanoseek for extra work. Steps alternate between the sides so machine noise
 hits both alike; the script prints the median tokens/s, the ratio, and each side's MFU against the matmul peak of
@@ -45,9 +45,12 @@ class Side:
     def step(self, batch, precision: str) -> None:
         t = time.perf_counter()
         with autocast(CPU, precision):
-            out = self.model(batch.inputs)
-            logits = out if isinstance(out, torch.Tensor) else out.logits                  # (B,T,V)
-            loss = cross_entropy(logits, batch.targets, batch.target_mask)
+            if isinstance(self.model, nanoseek.DeepseekForCausalLM):   # as the pretrain recipe: head fused into CE
+                hidden = self.model(batch.inputs, compute_logits=False).hidden            # (B,T,H)
+                loss = cross_entropy(hidden, batch.targets, batch.target_mask, head_weight=self.model.lm_head.weight)
+            else:
+                logits = self.model(batch.inputs).logits                                   # (B,T,V)
+                loss = cross_entropy(logits, batch.targets, batch.target_mask)
             if self.balancer is not None:
                 loss = loss + self.balancer.collect(batch.target_mask, alpha=1e-4)
         loss.backward()

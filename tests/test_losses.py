@@ -24,6 +24,40 @@ def test_cross_entropy_by_hand():
     assert cross_entropy(logits.bfloat16(), targets).dtype == torch.float32
 
 
+@pytest.mark.parametrize("chunk", [7, 256])
+def test_fused_head_cross_entropy_matches_logits_path(chunk):
+    """`head_weight` fuses the vocabulary projection into the loss chunk by chunk (train.linear_ce): the same
+    value and gradients as lm_head -> logits -> CE, with a mask, a global normalizer, an MTP depth, chunks that
+    do not divide the rows, and bf16 autocast (where both sides round the matmuls to bf16)."""
+    g = torch.Generator().manual_seed(0)
+    B, T, H, V = 3, 11, 16, 97
+    hidden = torch.randn(B, T, H, generator=g, requires_grad=True)
+    head = (torch.randn(V, H, generator=g) * 0.5).requires_grad_()
+    targets = torch.randint(0, V, (B, T), generator=g)
+    mask = (torch.rand(B, T, generator=g) > 0.3).long()
+    mtp_hidden = [torch.randn(B, T, H, generator=g, requires_grad=True)]
+    counts = target_counts(mask, 1) * 2                                   # another micro-batch holds as many
+    from nanoseek.train import linear_ce
+    old, linear_ce.CHUNK_ROWS = linear_ce.CHUNK_ROWS, chunk
+    try:
+        for dtype, tol in [(None, 1e-5), (torch.bfloat16, 2e-2)]:
+            with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+                ref = lm_loss(hidden @ head.t() if dtype is None else torch.nn.functional.linear(hidden, head),
+                              [torch.nn.functional.linear(mtp_hidden[0], head)], targets, mask, 0.3, counts)[0]
+                got = lm_loss(hidden, mtp_hidden, targets, mask, 0.3, counts, head_weight=head)[0]
+            assert got.dtype == ref.dtype
+            torch.testing.assert_close(got, ref, rtol=tol, atol=tol)
+            params = [hidden, head, mtp_hidden[0]]
+            for a, b in zip(torch.autograd.grad(got * 3, params), torch.autograd.grad(ref * 3, params)):
+                assert a.abs().max() > 0
+                torch.testing.assert_close(a, b, rtol=tol, atol=tol * b.abs().max().item())
+        with torch.no_grad():                                              # no gradient work without autograd
+            torch.testing.assert_close(cross_entropy(hidden, targets, mask, head_weight=head),
+                                       cross_entropy(hidden @ head.t(), targets, mask))
+    finally:
+        linear_ce.CHUNK_ROWS = old
+
+
 def one_hot_logits(ids, V, scale=50.0):
     return torch.nn.functional.one_hot(ids, V).float() * scale
 

@@ -78,9 +78,10 @@ class DeepseekModel(nn.Module):
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor                                    # (B,T,V) main head
+    logits: torch.Tensor | None                             # (B,T,V) main head; None when compute_logits=False
     hidden: torch.Tensor                                    # (B,T,H) final-normed hidden states
     mtp_logits: list[torch.Tensor] = field(default_factory=list)   # depth k: (B,T,V), position i predicts t_{i+k+1}
+    mtp_hidden: list[torch.Tensor] = field(default_factory=list)   # depth k: (B,T,H), the input of lm_head
 
 
 class DeepseekForCausalLM(nn.Module):
@@ -96,32 +97,37 @@ class DeepseekForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache=None,
                 absorb: bool = False, attn_mask: torch.Tensor | None = None, return_mtp: bool = False,
-                return_hidden: bool = False):
-        """input_ids (B,T) -> logits (B,T,V); or a ModelOutput when return_mtp / return_hidden.
+                return_hidden: bool = False, compute_logits: bool = True):
+        """input_ids (B,T) -> logits (B,T,V); or a ModelOutput when return_mtp / return_hidden / not
+        compute_logits.
 
         cache: a LatentCache; positions default to continuing it. absorb: use the absorbed MLA path.
+        compute_logits=False skips the vocabulary projection: the output holds the head's inputs (`hidden`,
+        `mtp_hidden`) for a loss that applies lm_head itself, chunk by chunk (train.losses with head_weight).
         """
         if positions is None:
             start = cache.length if cache is not None else 0
             positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
         hidden = self.model(input_ids, positions, cache, absorb, attn_mask)
-        logits = self.lm_head(hidden)
-        if not (return_mtp or return_hidden):
-            return logits
-        out = ModelOutput(logits=logits, hidden=hidden)
+        if compute_logits and not (return_mtp or return_hidden):
+            return self.lm_head(hidden)
+        out = ModelOutput(logits=self.lm_head(hidden) if compute_logits else None, hidden=hidden)
         if return_mtp:
-            out.mtp_logits = self.mtp_logits(hidden, input_ids, positions)
+            out.mtp_hidden = self.mtp_hidden(hidden, input_ids, positions)
+            if compute_logits:
+                out.mtp_logits = [self.lm_head(h) for h in out.mtp_hidden]
         return out
 
-    def mtp_logits(self, hidden: torch.Tensor, input_ids: torch.Tensor, positions: torch.Tensor) -> list:
+    def mtp_hidden(self, hidden: torch.Tensor, input_ids: torch.Tensor, positions: torch.Tensor) -> list:
         """Training-time MTP over a whole sequence: depth k sees t_{i+k} (ids shifted left by k; the last k
-        positions see padding and have no target) and predicts t_{i+k+1}."""
+        positions see padding and have no target) and predicts t_{i+k+1}. Returns each depth's normed hidden
+        states, the input of the shared lm_head."""
         cos, sin = self.model.rotary(positions)
         out, h = [], hidden
         for k, module in enumerate(self.mtp, start=1):
             ids_k = F.pad(input_ids[:, k:], (0, k), value=0)                          # (B,T)
             h = module(h, self.model.embed_tokens(ids_k), cos, sin)
-            out.append(self.lm_head(module.shared_head.norm(h)))
+            out.append(module.shared_head.norm(h))
         return out
 
     @torch.no_grad()

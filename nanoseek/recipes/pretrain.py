@@ -206,8 +206,12 @@ def pretrain(cfg: PretrainConfig) -> dict:
             inputs, targets, mask = (t.to(dist.device) for t in (b.inputs, b.targets, b.target_mask))
             with grad_sync(train_model, sync=i == len(batches) - 1):
                 with autocast(dist.device, precision):
-                    out = train_model(inputs, return_mtp=depth > 0)               # logits (B,T,V), D x (B,T,V)
-                    total, ce, mtp = lm_loss(out.logits, out.mtp_logits, targets, mask, lam, counts)
+                    # the head's inputs (B,T,H), D x (B,T,H): lm_head is fused into the loss chunk by chunk.
+                    # Its weight is read after the forward: under FSDP2 the root's parameters stay unsharded
+                    # from its forward to its backward.
+                    out = train_model(inputs, return_mtp=depth > 0, compute_logits=False)
+                    total, ce, mtp = lm_loss(out.hidden, out.mtp_hidden, targets, mask, lam, counts,
+                                             head_weight=model.lm_head.weight)
                     bal = balancer.collect(mask, cfg.balance_alpha, normalizer=cfg.batch_size)
                     total = total + bal
                 # DDP and FSDP2 average gradients over ranks; our losses are already global means, so undo it.

@@ -161,10 +161,14 @@ def sft(cfg: SFTConfig, teacher=None, kd_weight: float = 0.0, kd_temperature: fl
             kw = {"positions": pos.to(dist.device), "attn_mask": attn.to(dist.device)} if cfg.pack else {}
             with grad_sync(train_model, sync=i == len(batches) - 1):
                 with autocast(dist.device, precision):
-                    logits = train_model(inputs, **kw)                          # (B,T,V)
-                    ce = cross_entropy(logits, targets, mask, max(n_tok, 1.0))
-                    kd = torch.zeros((), device=logits.device)
-                    if teacher is not None and kd_weight > 0:
+                    kd = torch.zeros((), device=inputs.device)
+                    if teacher is None or kd_weight == 0:
+                        # no distribution to match: lm_head fused into the loss, the (B,T,V) logits never built
+                        hidden = train_model(inputs, compute_logits=False, **kw).hidden       # (B,T,H)
+                        ce = cross_entropy(hidden, targets, mask, max(n_tok, 1.0), model.lm_head.weight)
+                    else:
+                        logits = train_model(inputs, **kw)                                    # (B,T,V)
+                        ce = cross_entropy(logits, targets, mask, max(n_tok, 1.0))
                         with torch.no_grad():
                             t_logits = teacher(inputs, **kw)
                         kd = forward_kl(logits, t_logits, mask, kd_temperature, max(n_tok, 1.0))

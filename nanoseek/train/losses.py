@@ -11,17 +11,26 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from nanoseek.train.linear_ce import linear_cross_entropy
+
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None = None,
-                  normalizer: float | torch.Tensor | None = None) -> torch.Tensor:
+                  normalizer: float | torch.Tensor | None = None,
+                  head_weight: torch.Tensor | None = None) -> torch.Tensor:
     """logits (B,T,V), targets (B,T), mask (B,T) 1 where the target counts -> sum of masked CE / normalizer.
 
-    The log-softmax runs in fp32: bf16 logits lose about 2 digits of the loss on large vocabularies.
+    With `head_weight` (V,H), the lm_head's weight, `logits` are the head's inputs (B,T,H) instead, and the
+    projection is fused into the loss chunk by chunk (train.linear_ce): same value and gradients, without the
+    (B,T,V) logits. The log-softmax runs in fp32: bf16 logits lose about 2 digits of the loss on large
+    vocabularies.
     """
+    n = (mask.sum() if mask is not None else targets.numel()) if normalizer is None else normalizer
+    if head_weight is not None:
+        row_weight = torch.ones_like(targets, dtype=torch.float32) if mask is None else mask.float()
+        return linear_cross_entropy(logits.flatten(0, 1), head_weight, targets.flatten(), row_weight.flatten()) / n
     ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")   # (B*T,)
     if mask is not None:
         ce = ce * mask.flatten().to(ce.dtype)
-    n = (mask.sum() if mask is not None else ce.numel()) if normalizer is None else normalizer
     return ce.sum() / n
 
 
@@ -36,17 +45,17 @@ def mtp_targets(targets: torch.Tensor, mask: torch.Tensor | None, k: int) -> tup
 
 
 def mtp_loss(mtp_logits: list[torch.Tensor], targets: torch.Tensor, mask: torch.Tensor | None = None,
-             normalizers: list | torch.Tensor | None = None) -> torch.Tensor:
+             normalizers: list | torch.Tensor | None = None, head_weight: torch.Tensor | None = None) -> torch.Tensor:
     """The V3 MTP loss before its weight lambda: the mean over depths k = 1..D of the depth-k CE (V3 report,
-    eq. 25: L_MTP = lambda/D * sum_k L_MTP^k). mtp_logits[k-1] (B,T,V); normalizers[k-1] counts depth k's
-    targets (default: this batch's)."""
+    eq. 25: L_MTP = lambda/D * sum_k L_MTP^k). mtp_logits[k-1] (B,T,V), or the head's inputs (B,T,H) with
+    `head_weight` (see cross_entropy); normalizers[k-1] counts depth k's targets (default: this batch's)."""
     if not mtp_logits:
         return targets.new_zeros((), dtype=torch.float32)
     total = 0.0
     for k, logits in enumerate(mtp_logits, start=1):
         t, m = mtp_targets(targets, mask, k)
         n = None if normalizers is None else normalizers[k - 1]
-        total = total + cross_entropy(logits[:, :-k], t, m, n)
+        total = total + cross_entropy(logits[:, :-k], t, m, n, head_weight)
     return total / len(mtp_logits)
 
 
@@ -57,12 +66,14 @@ def target_counts(mask: torch.Tensor, depth: int) -> torch.Tensor:
 
 
 def lm_loss(logits: torch.Tensor, mtp_logits: list[torch.Tensor], targets: torch.Tensor, mask: torch.Tensor,
-            mtp_weight: float, counts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(CE + mtp_weight * MTP, CE, MTP) with counts from `target_counts` (default: this batch's own)."""
+            mtp_weight: float, counts: torch.Tensor | None = None,
+            head_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(CE + mtp_weight * MTP, CE, MTP) with counts from `target_counts` (default: this batch's own). With
+    `head_weight`, `logits` and `mtp_logits` are the head's inputs and the head is fused into the loss."""
     if counts is None:
         counts = target_counts(mask, len(mtp_logits))
-    ce = cross_entropy(logits, targets, mask, counts[0])
-    mtp = mtp_loss(mtp_logits, targets, mask, counts[1:])
+    ce = cross_entropy(logits, targets, mask, counts[0], head_weight)
+    mtp = mtp_loss(mtp_logits, targets, mask, counts[1:], head_weight)
     return ce + mtp_weight * mtp, ce, mtp
 
 

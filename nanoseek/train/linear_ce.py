@@ -1,0 +1,82 @@
+"""Fused vocabulary projection + cross-entropy, chunked over rows: the (N, V) logits never exist whole.
+
+    loss = sum_n row_weight[n] * (logsumexp(h_n W^T) - (h_n W^T)[target_n])
+
+An unfused head materializes N x V logits, then a log-softmax, its gradient and a zero-filled one-hot buffer of
+the same size: at 1024 tokens x 8192 vocabulary that is 32 MB per tensor, streamed through memory five times.
+Here each chunk of rows computes its logits, the loss, and (when a gradient is wanted) its gradient
+softmax - onehot in place, then multiplies it straight into dL/dh and dL/dW while it is still in cache. The
+gradients are computed in the forward pass (as Liger-Kernel's fused linear cross-entropy does), so backward
+only scales them by the incoming scalar gradient.
+"""
+from __future__ import annotations
+
+import torch
+
+CHUNK_ROWS = 256   # 256 x 8192 fp32 logits = 8 MiB: fits the L3 share and keeps the matmuls near peak (CPU)
+
+
+def _chunks(hidden, weight, targets, row_weight, chunk, want_grad):
+    """(loss, dL/dhidden or None, dL/dweight fp32 or None): the work of both passes. hidden (N,H) and weight (V,H)
+    already in the compute dtype; targets (N,) valid ids; row_weight (N,) fp32."""
+    N, V = hidden.shape[0], weight.shape[0]
+    loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    grad_h = torch.empty_like(hidden) if want_grad else None
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_grad else None
+    # One logits buffer for every chunk: a fresh multi-MiB tensor per chunk costs page faults on CPU (glibc hands
+    # large blocks back to the OS), which measured as much as the matmul that fills it.
+    logits_buf = torch.empty(min(chunk, N), V, dtype=torch.float32, device=hidden.device)
+    low_buf = None if hidden.dtype == torch.float32 else torch.empty_like(logits_buf, dtype=hidden.dtype)
+    for s in range(0, N, chunk):
+        h, t, rw = hidden[s:s + chunk], targets[s:s + chunk, None], row_weight[s:s + chunk, None]
+        c = h.shape[0]
+        logits = logits_buf[:c]                                                         # (c,V) fp32
+        if low_buf is None:
+            torch.mm(h, weight.t(), out=logits)
+        else:
+            logits.copy_(torch.mm(h, weight.t(), out=low_buf[:c]))
+        lse = torch.logsumexp(logits, dim=-1, keepdim=True)                             # (c,1)
+        loss += ((lse - logits.gather(1, t)) * rw).sum()
+        if want_grad:
+            g = logits.sub_(lse).exp_()                                                 # softmax, in place
+            g.scatter_add_(1, t, torch.full_like(rw, -1.0)).mul_(rw)                    # (softmax - onehot) * w
+            if low_buf is not None:
+                g = low_buf[:c].copy_(g)
+            torch.mm(g, weight, out=grad_h[s:s + chunk])
+            if grad_w.dtype == g.dtype:
+                grad_w.addmm_(g.t(), h)
+            else:
+                grad_w += g.t() @ h
+    return loss, grad_h, grad_w
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, row_weight, chunk, compute_dtype):
+        loss, grad_h, grad_w = _chunks(hidden.to(compute_dtype), weight.to(compute_dtype), targets, row_weight,
+                                       chunk, want_grad=True)
+        ctx.save_for_backward(grad_h.to(hidden.dtype), grad_w.to(weight.dtype))
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors                   # computed for grad_loss = 1: scale (no host sync)
+        return (grad_h.mul_(grad_loss.to(grad_h.dtype)), grad_w.mul_(grad_loss.to(grad_w.dtype)),
+                None, None, None, None)
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         row_weight: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    """hidden (N,H), weight (V,H) the lm_head's, targets (N,), row_weight (N,) -> sum_n row_weight[n] * CE_n.
+
+    The same value and gradients as `F.cross_entropy(hidden @ weight.T, targets, reduction="none") @ row_weight`
+    (the log-softmax in fp32). Rows of weight 0 may hold any target (it is clamped into range). Under autocast
+    the matmuls run in the autocast dtype, as nn.Linear's would."""
+    device, chunk = hidden.device.type, chunk or CHUNK_ROWS
+    compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    targets = targets.clamp(0, weight.shape[0] - 1)
+    row_weight = row_weight.float()
+    with torch.autocast(device, enabled=False):
+        if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+            return _LinearCrossEntropy.apply(hidden, weight, targets, row_weight, chunk, compute)
+        return _chunks(hidden.to(compute), weight.to(compute), targets, row_weight, chunk, want_grad=False)[0]
