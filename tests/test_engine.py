@@ -219,10 +219,16 @@ def test_compiled_decode_matches_eager_with_few_graphs(model):
     cfg = model.config
     batches = [prompts(1, seed=1), prompts(2, seed=2), prompts(7, seed=3), prompts(3, lo=20, hi=60, seed=4)]
     for ps in batches:
-        reqs = {str(i): (p, SamplingParams(max_tokens=6, **GREEDY)) for i, p in enumerate(ps)}
+        reqs = {str(i): (p, SamplingParams(max_tokens=6, logprobs=0, **GREEDY)) for i, p in enumerate(ps)}
         want, got = run(eager, reqs), run(compiled, reqs)
         assert {k: v.outputs[0].token_ids for k, v in got.items()} == \
                {k: v.outputs[0].token_ids for k, v in want.items()}
+        # and the numbers, not just the argmax: the compiled step rewrites matmuls (runner._decode_mm)
+        for k, v in got.items():
+            lp = [[e.logprob for e in d.values()] for d in v.outputs[0].logprobs]
+            lp_eager = [[e.logprob for e in d.values()] for d in want[k].outputs[0].logprobs]
+            assert len(lp) == 6 and all(len(row) == 1 for row in lp)
+            torch.testing.assert_close(torch.tensor(lp), torch.tensor(lp_eager), rtol=0, atol=1e-4)
     assert 7 * cfg.num_experts_per_tok >= cfg.n_routed_experts > 2 * cfg.num_experts_per_tok   # batches on both
     assert counters["stats"]["unique_graphs"] <= 3                                          # sides of E/K ran
     kv0 = compiled.cache.kv[0]
