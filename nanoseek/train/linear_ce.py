@@ -17,36 +17,45 @@ CHUNK_ROWS = 256   # 256 x 8192 fp32 logits = 8 MiB: fits the L3 share and keeps
 
 
 def _chunks(hidden, weight, targets, row_weight, chunk, want_grad):
-    """(loss, dL/dhidden or None, dL/dweight fp32 or None): the work of both passes. hidden (N,H) and weight (V,H)
+    """(loss, dL/dhidden or None, dL/dweight or None): the work of both passes. hidden (N,H) and weight (V,H)
     already in the compute dtype; targets (N,) valid ids; row_weight (N,) fp32."""
     N, V = hidden.shape[0], weight.shape[0]
+    low = hidden.dtype != torch.float32
     loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
     grad_h = torch.empty_like(hidden) if want_grad else None
-    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_grad else None
+    # fp32: dL/dW accumulates chunk by chunk in place. Low precision: every chunk's gradient is kept (N x V in
+    # bf16, half the fp32 logits an unfused head holds) for one dL/dW matmul at the end, which rounds once, as
+    # autograd's bf16 linear does, instead of once per chunk.
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_grad and not low else None
     # One logits buffer for every chunk: a fresh multi-MiB tensor per chunk costs page faults on CPU (glibc hands
     # large blocks back to the OS), which measured as much as the matmul that fills it.
     logits_buf = torch.empty(min(chunk, N), V, dtype=torch.float32, device=hidden.device)
-    low_buf = None if hidden.dtype == torch.float32 else torch.empty_like(logits_buf, dtype=hidden.dtype)
+    low_buf = (None if not low else torch.empty(N if want_grad else min(chunk, N), V, dtype=hidden.dtype,
+                                                device=hidden.device))
     for s in range(0, N, chunk):
         h, t, rw = hidden[s:s + chunk], targets[s:s + chunk, None], row_weight[s:s + chunk, None]
         c = h.shape[0]
         logits = logits_buf[:c]                                                         # (c,V) fp32
-        if low_buf is None:
-            torch.mm(h, weight.t(), out=logits)
+        if low:
+            low_c = low_buf[s:s + c] if want_grad else low_buf[:c]
+            logits.copy_(torch.mm(h, weight.t(), out=low_c))
         else:
-            logits.copy_(torch.mm(h, weight.t(), out=low_buf[:c]))
-        lse = torch.logsumexp(logits, dim=-1, keepdim=True)                             # (c,1)
-        loss += ((lse - logits.gather(1, t)) * rw).sum()
+            torch.mm(h, weight.t(), out=logits)
+        target_logit = logits.gather(1, t)                                              # (c,1)
+        peak = logits.amax(dim=-1, keepdim=True)
+        e = logits.sub_(peak).exp_()                                                    # in place: exp(z - max)
+        total = e.sum(dim=-1, keepdim=True)
+        loss += ((peak + total.log() - target_logit) * rw).sum()                        # logsumexp - z_target
         if want_grad:
-            g = logits.sub_(lse).exp_()                                                 # softmax, in place
-            g.scatter_add_(1, t, torch.full_like(rw, -1.0)).mul_(rw)                    # (softmax - onehot) * w
-            if low_buf is not None:
-                g = low_buf[:c].copy_(g)
+            g = e.mul_(rw / total)                                                      # softmax * w
+            g.scatter_add_(1, t, -rw)                                                   # (softmax - onehot) * w
+            if low:
+                g = low_c.copy_(g)
             torch.mm(g, weight, out=grad_h[s:s + chunk])
-            if grad_w.dtype == g.dtype:
+            if not low:
                 grad_w.addmm_(g.t(), h)
-            else:
-                grad_w += g.t() @ h
+    if want_grad and low:
+        grad_w = low_buf.t() @ hidden                                                   # (V,H)
     return loss, grad_h, grad_w
 
 
