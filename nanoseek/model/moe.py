@@ -115,21 +115,25 @@ def _hybrid(xs, expert, counts, w_gu, w_down):
     mean = counts.sum() / counts.numel()
     heavy = counts > 1.5 * mean                                                          # (E,)
     slot_heavy = heavy[expert]                                                           # (S,)
-    out = torch.empty_like(xs)                                                           # (S,H)
+    pieces, rows = [], []                                                                # outputs, their slots
     light_idx = (~slot_heavy).nonzero().squeeze(1)
     if light_idx.numel():
         light = (~heavy).nonzero().squeeze(1)                                            # (E_l,)
         remap = torch.cumsum(~heavy, 0) - 1                                              # expert -> light index
-        out = out.index_copy(0, light_idx, _padded_bmm(xs.index_select(0, light_idx),
-                                                       remap[expert.index_select(0, light_idx)],
-                                                       counts[light], w_gu[light], w_down[light]))
+        pieces.append(_padded_bmm(xs.index_select(0, light_idx), remap[expert.index_select(0, light_idx)],
+                                  counts[light], w_gu[light], w_down[light]))
+        rows.append(light_idx)
     starts = (counts.cumsum(0) - counts).tolist()
     cl = counts.tolist()
     gus, downs = w_gu.unbind(0), w_down.unbind(0)
     for e in heavy.nonzero().squeeze(1).tolist():
-        out = out.index_copy(0, torch.arange(starts[e], starts[e] + cl[e], device=xs.device),
-                             _swiglu(xs[starts[e]:starts[e] + cl[e]], gus[e], downs[e]))
-    return out
+        pieces.append(_swiglu(xs[starts[e]:starts[e] + cl[e]], gus[e], downs[e]))
+        rows.append(torch.arange(starts[e], starts[e] + cl[e], device=xs.device))
+    # one gather back to slot order (an out-of-place index_copy per piece copied the whole (S,H) output each time)
+    rows = torch.cat(rows)
+    back = torch.empty_like(rows)
+    back[rows] = torch.arange(rows.numel(), device=rows.device)
+    return torch.cat(pieces).index_select(0, back)                                        # (S,H)
 
 
 class Experts(nn.Module):
@@ -155,10 +159,10 @@ class Experts(nn.Module):
             # fp32 on CPU: one op with per-expert matmuls and whole-buffer elementwise work (experts_cpu.py)
             return routed_experts(x, w_gu, w_down, token, weights.reshape(-1).index_select(0, order).float(),
                                   counts.tolist())
-        xs = x.index_select(0, token)                                                    # (N*K,H) grouped by expert
         if torch.is_autocast_enabled(x.device.type):
             dt = torch.get_autocast_dtype(x.device.type)
-            xs, w_gu, w_down = xs.to(dt), w_gu.to(dt), w_down.to(dt)
+            x, w_gu, w_down = x.to(dt), w_gu.to(dt), w_down.to(dt)    # cast the N tokens, not their N*K copies
+        xs = x.index_select(0, token)                                                    # (N*K,H) grouped by expert
         if _use_grouped_mm(xs, w_gu, w_down):
             offs = counts.cumsum(0).to(torch.int32)
             gate, up = F.grouped_mm(xs, w_gu.transpose(-2, -1), offs=offs).chunk(2, dim=-1)
