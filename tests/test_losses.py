@@ -38,7 +38,8 @@ def test_fused_head_cross_entropy_matches_logits_path(chunk):
     mtp_hidden = [torch.randn(B, T, H, generator=g, requires_grad=True)]
     counts = target_counts(mask, 1) * 2                                   # another micro-batch holds as many
     from nanoseek.train import linear_ce
-    old, linear_ce.CHUNK_ROWS = linear_ce.CHUNK_ROWS, chunk
+    old = linear_ce.CHUNK_ROWS, linear_ce.CHUNK_ELEMENTS
+    linear_ce.CHUNK_ROWS, linear_ce.CHUNK_ELEMENTS = chunk, 0                # exactly `chunk` rows a chunk
     try:
         for dtype, tol in [(None, 1e-5), (torch.bfloat16, 2e-2)]:
             with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
@@ -55,7 +56,7 @@ def test_fused_head_cross_entropy_matches_logits_path(chunk):
             torch.testing.assert_close(cross_entropy(hidden, targets, mask, head_weight=head),
                                        cross_entropy(hidden @ head.t(), targets, mask))
     finally:
-        linear_ce.CHUNK_ROWS = old
+        linear_ce.CHUNK_ROWS, linear_ce.CHUNK_ELEMENTS = old
 
 
 def one_hot_logits(ids, V, scale=50.0):

@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.model.experts_cpu import routed_experts
 
 
 class MLP(nn.Module):
@@ -156,10 +155,6 @@ class Experts(nn.Module):
         counts = torch.bincount(flat, minlength=self.num_experts)                        # (E,)
         w_gu, w_down = self.gate_up_proj, self.down_proj
         low = torch.is_autocast_enabled(x.device.type) or x.element_size() < 4                # bf16 / fp16 math
-        if not x.is_cuda and not low:
-            # fp32 (or fp64) on CPU: one op, per-expert matmuls and whole-buffer elementwise work (experts_cpu.py)
-            return routed_experts(x, w_gu, w_down, token, weights.reshape(-1).index_select(0, order).float(),
-                                  counts.tolist())
         if torch.is_autocast_enabled(x.device.type):
             dt = torch.get_autocast_dtype(x.device.type)
             x, w_gu, w_down = x.to(dt), w_gu.to(dt), w_down.to(dt)    # cast the N tokens, not their N*K copies
@@ -170,14 +165,15 @@ class Experts(nn.Module):
             out = F.grouped_mm(F.silu(gate) * up, w_down.transpose(-2, -1), offs=offs)  # (N*K,H)
         elif low and counts.numel() * int(counts.max()) <= 1.6 * flat.numel():
             # bf16: padding pays while the busiest expert has < ~1.6x the mean load (measured crossover on CPU,
-            # 16 experts x 256 tokens). In fp32 the per-expert loop measured faster at every load (1.1x balanced).
+            # 16 experts x 256 tokens); in fp32 the per-expert loop below measured faster at every load
             out = _padded_bmm(xs, flat[order], counts, w_gu, w_down)
         elif low:
             out = _hybrid(xs, flat[order], counts, w_gu, w_down)
         else:
-            # full precision on CUDA (grouped_mm is bf16-only): loop over experts on their contiguous slices.
-            # unbind once: indexing w[e] per expert would make autograd allocate a zero (E,...) gradient per
-            # expert (SelectBackward), which took 150 ms of a 470 ms training step at 16 experts.
+            # full precision: loop over experts on their contiguous slices. On CPU (16 experts x ~256 tokens, max
+            # load 1.4x the mean) this measured 1.3x faster fwd+bwd than the padded bmm, and as fast as a fused op
+            # with a hand-written backward (tried, not kept). unbind once: indexing w[e] per expert would make
+            # autograd allocate a zero (E,...) gradient per expert (SelectBackward): 150 ms of a 470 ms step.
             pairs = zip(w_gu.unbind(0), w_down.unbind(0), xs.split(counts.tolist()))
             out = torch.cat([_swiglu(chunk, gu, down) for gu, down, chunk in pairs if chunk.shape[0]])
         # back to (token, k) order, then the weighted sum over each token's K experts (a gather instead of a

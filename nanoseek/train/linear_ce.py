@@ -13,7 +13,14 @@ from __future__ import annotations
 
 import torch
 
-CHUNK_ROWS = 256   # 256 x 8192 fp32 logits = 8 MiB: fits the L3 share and keeps the matmuls near peak (CPU)
+CHUNK_ELEMENTS = 2 ** 21   # logits per chunk: 256 rows x 8192 vocab = 8 MiB fp32 fits the L3 share and keeps the
+CHUNK_ROWS = 256           # matmuls near peak (CPU); never fewer rows than this, whatever the vocabulary
+
+
+def chunk_rows(vocab: int) -> int:
+    """Rows per chunk: ~CHUNK_ELEMENTS logits, at least CHUNK_ROWS rows. A small vocabulary gets large chunks
+    (the 640-token demo model: 3276 rows), where per-chunk overhead would otherwise cost more than fusion saves."""
+    return max(CHUNK_ROWS, CHUNK_ELEMENTS // vocab)
 
 
 def _chunks(hidden, weight, targets, row_weight, chunk, want_grad):
@@ -81,7 +88,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     The same value and gradients as `F.cross_entropy(hidden @ weight.T, targets, reduction="none") @ row_weight`
     (the log-softmax in fp32). Rows of weight 0 may hold any target (it is clamped into range). Under autocast
     the matmuls run in the autocast dtype, as nn.Linear's would."""
-    device, chunk = hidden.device.type, chunk or CHUNK_ROWS
+    device, chunk = hidden.device.type, chunk or chunk_rows(weight.shape[0])
     compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
     targets = targets.clamp(0, weight.shape[0] - 1)
     row_weight = row_weight.float()
