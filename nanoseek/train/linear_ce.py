@@ -27,22 +27,24 @@ def _chunks(hidden, weight, targets, row_weight, chunk, want_grad):
     """(loss, dL/dhidden or None, dL/dweight or None): the work of both passes. hidden (N,H) and weight (V,H)
     already in the compute dtype; targets (N,) valid ids; row_weight (N,) fp32."""
     N, V = hidden.shape[0], weight.shape[0]
-    low = hidden.dtype != torch.float32
-    loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    low = hidden.element_size() < 4                                                     # bf16 / fp16 matmuls
+    acc = torch.promote_types(hidden.dtype, torch.float32)                              # softmax dtype
+    row_weight = row_weight.to(acc)
+    loss = torch.zeros((), dtype=acc, device=hidden.device)
     grad_h = torch.empty_like(hidden) if want_grad else None
     # fp32: dL/dW accumulates chunk by chunk in place. Low precision: every chunk's gradient is kept (N x V in
     # bf16, half the fp32 logits an unfused head holds) for one dL/dW matmul at the end, which rounds once, as
     # autograd's bf16 linear does, instead of once per chunk.
-    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_grad and not low else None
+    grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_grad and not low else None
     # One logits buffer for every chunk: a fresh multi-MiB tensor per chunk costs page faults on CPU (glibc hands
     # large blocks back to the OS), which measured as much as the matmul that fills it.
-    logits_buf = torch.empty(min(chunk, N), V, dtype=torch.float32, device=hidden.device)
+    logits_buf = torch.empty(min(chunk, N), V, dtype=acc, device=hidden.device)
     low_buf = (None if not low else torch.empty(N if want_grad else min(chunk, N), V, dtype=hidden.dtype,
                                                 device=hidden.device))
     for s in range(0, N, chunk):
         h, t, rw = hidden[s:s + chunk], targets[s:s + chunk, None], row_weight[s:s + chunk, None]
         c = h.shape[0]
-        logits = logits_buf[:c]                                                         # (c,V) fp32
+        logits = logits_buf[:c]                                                         # (c,V) fp32 (or fp64)
         if low:
             low_c = low_buf[s:s + c] if want_grad else low_buf[:c]
             logits.copy_(torch.mm(h, weight.t(), out=low_c))
@@ -76,9 +78,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grad_h, grad_w = ctx.saved_tensors                   # computed for grad_loss = 1: scale (no host sync)
-        return (grad_h.mul_(grad_loss.to(grad_h.dtype)), grad_w.mul_(grad_loss.to(grad_w.dtype)),
-                None, None, None, None)
+        grad_h, grad_w = ctx.saved_tensors                   # computed for grad_loss = 1: scale (no host sync),
+        return (grad_h * grad_loss.to(grad_h.dtype), grad_w * grad_loss.to(grad_w.dtype),   # out of place: the
+                None, None, None, None)                      # saved ones must survive a retained graph's 2nd pass
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
