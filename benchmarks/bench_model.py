@@ -3,9 +3,9 @@
 Both models run in one process, interleaved, on the same batches, at equal precision (fp32, then bf16
 autocast); the script prints both times, the ratio, and each side's model FLOPs utilization against this
 machine's matmul peak measured in the same run at that precision. A step is forward, next-token cross-entropy
-(log-softmax in fp32) and backward, each side the way its library trains: transformers' logits into
-F.cross_entropy (what its `labels=` loss does), nanoseek's hidden states into its fused head + loss
-(`compute_logits=False`, `train.losses.cross_entropy(..., head_weight=)`). The two losses are checked equal.
+(log-softmax in fp32) and backward, each side the way its library trains (common.next_token_loss: transformers'
+logits into the CE its `labels=` loss runs, nanoseek's hidden states into its fused head + loss). The two losses
+are checked equal.
 
     python benchmarks/bench_model.py                 # ~18M-param MoE (hidden 256, 8 layers, 16 experts top-4)
     python benchmarks/bench_model.py --batch 8 --seq 256 --iters 10
@@ -20,9 +20,8 @@ import torch
 
 import nanoseek
 from nanoseek.accounting import count_params
-from nanoseek.train.losses import cross_entropy
 
-from common import bench_config, hf_twin, matmul_peak  # noqa: E402  (benchmarks/ holds scripts)
+from common import bench_config, hf_twin, matmul_peak, next_token_loss  # noqa: E402  (benchmarks/ holds scripts)
 
 
 def step(model, ids, autocast_dtype) -> tuple[float, float]:
@@ -30,12 +29,7 @@ def step(model, ids, autocast_dtype) -> tuple[float, float]:
     inputs, targets = ids[:, :-1], ids[:, 1:]
     t = time.perf_counter()
     with torch.autocast("cpu", dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        if isinstance(model, nanoseek.DeepseekForCausalLM):
-            hidden = model(inputs, compute_logits=False).hidden
-            loss = cross_entropy(hidden, targets, head_weight=model.lm_head.weight)
-        else:
-            logits = model(inputs).logits
-            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        loss = next_token_loss(model, inputs, targets)
     loss.backward()
     model.zero_grad(set_to_none=True)
     return time.perf_counter() - t, loss.item()

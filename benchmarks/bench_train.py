@@ -2,11 +2,12 @@
 and precision, in one process.
 
 Each side runs full optimizer steps on the same packed batches of the generated corpus: forward, next-token CE
-(nanoseek's lm_head fused into it, as its pretrain recipe does; transformers' logits into the same CE), backward, gradient clipping at 1.0, AdamW (0.9, 0.95, wd 0.1 on matrices). nanoseek's step also does its
-aux-loss-free bias update and sequence-wise balance loss (the pretrain recipe's step), which transformers' model
-does not have: the comparison charges nanoseek for extra work. Steps alternate between the sides so machine noise
-hits both alike; the script prints the median tokens/s, the ratio, and each side's MFU against the matmul peak of
-that precision measured in the same run (MTP off: transformers has no MTP).
+(common.next_token_loss: nanoseek's lm_head fused into it, as its pretrain recipe does; transformers' logits
+into the same CE), backward, gradient clipping at 1.0, AdamW (0.9, 0.95, wd 0.1 on matrices). nanoseek's step
+also does its aux-loss-free bias update and sequence-wise balance loss (the pretrain recipe's step), which
+transformers' model does not have: the comparison charges nanoseek for extra work. Steps alternate between the
+sides so machine noise hits both alike; the script prints the median tokens/s, the ratio, and each side's MFU
+against the matmul peak of that precision measured in the same run (MTP off: transformers has no MTP).
 
     python benchmarks/bench_train.py                  # ~18M-param MoE (hidden 256, 8 layers, 16 experts top-4)
     python benchmarks/bench_train.py --batch 8 --seq 256 --steps 10
@@ -25,10 +26,9 @@ from nanoseek.data.pretrain import PretrainLoader, synthetic_corpus
 from nanoseek.tokenizer import train_tokenizer
 from nanoseek.train.balance import LoadBalancer
 from nanoseek.train.loop import autocast, matmul_peak_flops
-from nanoseek.train.losses import cross_entropy
 from nanoseek.train.optim import build_optimizer, clip_grad_norm
 
-from common import bench_config, hf_twin  # noqa: E402  (benchmarks/ holds scripts)
+from common import bench_config, hf_twin, next_token_loss  # noqa: E402  (benchmarks/ holds scripts)
 
 CPU = torch.device("cpu")
 
@@ -45,12 +45,7 @@ class Side:
     def step(self, batch, precision: str) -> None:
         t = time.perf_counter()
         with autocast(CPU, precision):
-            if isinstance(self.model, nanoseek.DeepseekForCausalLM):   # as the pretrain recipe: head fused into CE
-                hidden = self.model(batch.inputs, compute_logits=False).hidden            # (B,T,H)
-                loss = cross_entropy(hidden, batch.targets, batch.target_mask, head_weight=self.model.lm_head.weight)
-            else:
-                logits = self.model(batch.inputs).logits                                   # (B,T,V)
-                loss = cross_entropy(logits, batch.targets, batch.target_mask)
+            loss = next_token_loss(self.model, batch.inputs, batch.targets, batch.target_mask)
             if self.balancer is not None:
                 loss = loss + self.balancer.collect(batch.target_mask, alpha=1e-4)
         loss.backward()

@@ -42,3 +42,14 @@ def hf_twin(cfg: nanoseek.ModelConfig, seed: int = 0):
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d)
         yield hf, d
+
+
+def next_token_loss(model, inputs: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None = None):
+    """Mean next-token CE the way each library trains: nanoseek's hidden states into its fused head + loss (as its
+    pretrain recipe does), transformers' logits into the same CE (fp32 log-softmax, what its `labels=` loss runs)."""
+    from nanoseek.train.losses import cross_entropy
+
+    if isinstance(model, nanoseek.DeepseekForCausalLM):
+        hidden = model(inputs, compute_logits=False).hidden                                  # (B,T,H)
+        return cross_entropy(hidden, targets, mask, head_weight=model.lm_head.weight)
+    return cross_entropy(model(inputs).logits, targets, mask)                                # (B,T,V) logits

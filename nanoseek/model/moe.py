@@ -154,8 +154,9 @@ class Experts(nn.Module):
         token = order // K                                                               # source token per slot
         counts = torch.bincount(flat, minlength=self.num_experts)                        # (E,)
         w_gu, w_down = self.gate_up_proj, self.down_proj
-        low = torch.is_autocast_enabled(x.device.type) or x.element_size() < 4                # bf16 / fp16 math
-        if torch.is_autocast_enabled(x.device.type):
+        autocast = torch.is_autocast_enabled(x.device.type)
+        low = autocast or x.element_size() < 4                                           # bf16 / fp16 math
+        if autocast:
             dt = torch.get_autocast_dtype(x.device.type)
             x, w_gu, w_down = x.to(dt), w_gu.to(dt), w_down.to(dt)    # cast the N tokens, not their N*K copies
         xs = x.index_select(0, token)                                                    # (N*K,H) grouped by expert
