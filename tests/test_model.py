@@ -46,26 +46,43 @@ def test_skewed_routing_loop_path_matches_reference():
     torch.testing.assert_close(ex(x, idx, w), ex.forward_reference(x, idx, w), atol=1e-5, rtol=1e-5)
 
 
-def test_skewed_routing_hybrid_path_matches_loop_with_gradients():
-    """bf16 skewed loads take `_hybrid` (overloaded experts one by one, the rest padded): checked in fp32 against
-    the per-expert loop, outputs and gradients, with two overloaded experts and one idle one."""
-    from nanoseek.model.moe import _hybrid, _swiglu
+@pytest.mark.parametrize("sizes", [
+    [30, 25, 3, 4, 0, 5, 2, 3],                  # two overloaded experts, one idle: padded to the busiest
+    [600, 0, 90, 80, 100, 95, 85, 70],            # one expert far over the rest: split into blocks
+    [0, 0, 0, 12, 0, 0, 0, 0],                    # every slot on one expert
+])
+def test_expert_ops_match_per_expert_autograd(sizes):
+    """ExpertLoop and ExpertBatched (hand-written backward) against `_swiglu` run per expert under autograd, in
+    fp64: outputs and the gradients of the slots, both weight stacks and the routing weights."""
+    from nanoseek.model.expert_ops import ExpertBatched, ExpertLoop, block_plan
+    from nanoseek.model.moe import _swiglu
 
+    g = torch.Generator().manual_seed(sum(sizes))
+    E, H, I, S = len(sizes), 16, 8, sum(sizes)
+    params = [torch.randn(S, H, generator=g, dtype=torch.float64),            # slots, sorted by expert
+              torch.randn(E, 2 * I, H, generator=g, dtype=torch.float64),     # gate_up
+              torch.randn(E, H, I, generator=g, dtype=torch.float64),         # down
+              torch.rand(S, generator=g, dtype=torch.float64)]                # routing weights
+    params = [p.requires_grad_() for p in params]
+    xs, w_gu, w_down, scale = params
+    proj = torch.randn(S, H, generator=g, dtype=torch.float64)
+    ref = torch.cat([_swiglu(c, gu, d, sc) for gu, d, c, sc in zip(w_gu.unbind(0), w_down.unbind(0),
+                                                                   xs.split(sizes), scale.split(sizes)) if c.shape[0]])
+    ref_grads = torch.autograd.grad((ref * proj).sum(), params)
+    if S > 1000:
+        assert block_plan(sizes)[1] is not None                              # the split-block schedule is tested
+    for op in (ExpertLoop, ExpertBatched):
+        out = op.apply(xs, w_gu, w_down, scale, sizes)
+        torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
+        for a, b in zip(torch.autograd.grad((out * proj).sum(), params), ref_grads):
+            torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+def test_bf16_experts_match_reference():
+    """bf16 autocast takes the batched schedule; checked against the per-token reference at bf16 tolerance."""
     cfg = _cfg(n_routed_experts=8, num_experts_per_tok=2)
     ex = _experts(cfg, seed=3)
-    counts = torch.tensor([30, 25, 3, 4, 0, 5, 2, 3])               # mean 9: experts 0 and 1 are heavy
-    expert = torch.repeat_interleave(torch.arange(8), counts)       # slots sorted by expert
-    xs = torch.randn(int(counts.sum()), cfg.hidden_size, requires_grad=True)
-    proj = torch.randn(int(counts.sum()), cfg.hidden_size)
-    params = [xs, ex.gate_up_proj, ex.down_proj]
-    hybrid = _hybrid(xs, expert, counts, ex.gate_up_proj, ex.down_proj)
-    loop = torch.cat([_swiglu(c, gu, d) for gu, d, c in zip(ex.gate_up_proj.unbind(0), ex.down_proj.unbind(0),
-                                                           xs.split(counts.tolist())) if c.shape[0]])
-    torch.testing.assert_close(hybrid, loop, atol=1e-5, rtol=1e-5)
-    grads = [torch.autograd.grad((out * proj).sum(), params) for out in (hybrid, loop)]
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    with torch.autocast("cpu", dtype=torch.bfloat16):               # the path bf16 training takes
+    with torch.autocast("cpu", dtype=torch.bfloat16):
         x = torch.randn(40, cfg.hidden_size)
         idx = torch.stack([torch.tensor([0, 1 + n % 7]) for n in range(40)])
         w = torch.rand(40, 2)
@@ -77,10 +94,11 @@ def test_grouped_experts_gradients_match_reference():
     ex = _experts(cfg, seed=1)
     x = torch.randn(9, cfg.hidden_size, requires_grad=True)
     idx = torch.stack([torch.randperm(4)[:2] for _ in range(9)])
-    w = torch.rand(9, 2)
+    w = torch.rand(9, 2, requires_grad=True)                        # routing weights get gradients too
     proj = torch.randn(9, cfg.hidden_size)
-    g_fast = torch.autograd.grad((ex(x, idx, w) * proj).sum(), [x, ex.gate_up_proj, ex.down_proj])
-    g_slow = torch.autograd.grad((ex.forward_reference(x, idx, w) * proj).sum(), [x, ex.gate_up_proj, ex.down_proj])
+    params = [x, ex.gate_up_proj, ex.down_proj, w]
+    g_fast = torch.autograd.grad((ex(x, idx, w) * proj).sum(), params)
+    g_slow = torch.autograd.grad((ex.forward_reference(x, idx, w) * proj).sum(), params)
     for a, b in zip(g_fast, g_slow):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
+from nanoseek.model.expert_ops import ExpertBatched, ExpertLoop
 
 
 class MLP(nn.Module):
@@ -88,51 +89,12 @@ def _use_grouped_mm(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     return all(w.shape[-1] % 8 == 0 and w.shape[-2] % 8 == 0 for w in weights)
 
 
-def _swiglu(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
-    """One expert: x (n,H), w_gate_up (2I,H), w_down (H,I) -> (n,H)."""
+def _swiglu(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, scale: torch.Tensor | None = None):
+    """One expert: x (n,H), w_gate_up (2I,H), w_down (H,I), scale (n,) routing weights or None -> (n,H).
+    The routing weight scales the (n,I) activation, not the (n,H) output: half the elements, fwd and bwd."""
     gate, up = (x @ w_gate_up.t()).chunk(2, dim=-1)
-    return (F.silu(gate) * up) @ w_down.t()
-
-
-def _padded_bmm(xs, expert, counts, w_gu, w_down):
-    """All experts in two batched matmuls over a (E, C, H) buffer padded to the busiest expert's count C.
-    xs (S,H) slots sorted by expert, expert (S,) their expert ids. On CPU in bf16 this measured 1.4x faster
-    fwd+bwd than a loop of per-expert matmuls at balanced loads (16 experts, ~256 tokens each)."""
-    E, C = counts.numel(), int(counts.max())
-    start = counts.cumsum(0) - counts                                                    # (E,) first slot
-    row = expert * C + (torch.arange(expert.numel(), device=xs.device) - start[expert])  # slot -> padded row
-    buf = xs.new_zeros(E * C, xs.shape[-1]).index_copy(0, row, xs).view(E, C, -1)       # (E,C,H)
-    gate, up = torch.bmm(buf, w_gu.transpose(1, 2)).chunk(2, dim=-1)                    # (E,C,I) each
-    out = torch.bmm(F.silu(gate) * up, w_down.transpose(1, 2))                           # (E,C,H)
-    return out.view(E * C, -1).index_select(0, row)                                      # (S,H)
-
-
-def _hybrid(xs, expert, counts, w_gu, w_down):
-    """Skewed loads in bf16: experts above 1.5x the mean load run one by one, the rest in one padded bmm.
-    Same arguments and result as `_padded_bmm`. Measured on the bench_train setup (real text, skewed routing):
-    bf16 step 1.01x -> 1.09x transformers; in fp32 the plain per-expert loop stays faster (1.09x vs 0.85x)."""
-    mean = counts.sum() / counts.numel()
-    heavy = counts > 1.5 * mean                                                          # (E,)
-    slot_heavy = heavy[expert]                                                           # (S,)
-    pieces, rows = [], []                                                                # outputs, their slots
-    light_idx = (~slot_heavy).nonzero().squeeze(1)
-    if light_idx.numel():
-        light = (~heavy).nonzero().squeeze(1)                                            # (E_l,)
-        remap = torch.cumsum(~heavy, 0) - 1                                              # expert -> light index
-        pieces.append(_padded_bmm(xs.index_select(0, light_idx), remap[expert.index_select(0, light_idx)],
-                                  counts[light], w_gu[light], w_down[light]))
-        rows.append(light_idx)
-    starts = (counts.cumsum(0) - counts).tolist()
-    cl = counts.tolist()
-    gus, downs = w_gu.unbind(0), w_down.unbind(0)
-    for e in heavy.nonzero().squeeze(1).tolist():
-        pieces.append(_swiglu(xs[starts[e]:starts[e] + cl[e]], gus[e], downs[e]))
-        rows.append(torch.arange(starts[e], starts[e] + cl[e], device=xs.device))
-    # one gather back to slot order (an out-of-place index_copy per piece copied the whole (S,H) output each time)
-    rows = torch.cat(rows)
-    back = torch.empty_like(rows)
-    back[rows] = torch.arange(rows.numel(), device=rows.device)
-    return torch.cat(pieces).index_select(0, back)                                        # (S,H)
+    h = F.silu(gate) * up
+    return (h if scale is None else h * scale[:, None]) @ w_down.t()
 
 
 class Experts(nn.Module):
@@ -147,7 +109,8 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x (N,H), indices/weights (N,K) -> (N,H). Token slots are sorted by expert and run as grouped
-        (CUDA), padded-batched or per-expert matmuls on contiguous slices: never a Python loop over tokens."""
+        (CUDA), padded-batched or per-expert matmuls on contiguous slices (model.expert_ops): never a Python
+        loop over tokens. The routing weight scales each slot's (I,) activation before the down projection."""
         N, K = indices.shape
         flat = indices.reshape(-1)                                                       # (N*K,)
         order = flat.argsort(stable=True)                                                # slots grouped by expert
@@ -160,29 +123,19 @@ class Experts(nn.Module):
             dt = torch.get_autocast_dtype(x.device.type)
             x, w_gu, w_down = x.to(dt), w_gu.to(dt), w_down.to(dt)    # cast the N tokens, not their N*K copies
         xs = x.index_select(0, token)                                                    # (N*K,H) grouped by expert
+        scale = weights.reshape(-1).index_select(0, order).to(xs.dtype)                  # (N*K,) routing weights
         if _use_grouped_mm(xs, w_gu, w_down):
             offs = counts.cumsum(0).to(torch.int32)
             gate, up = F.grouped_mm(xs, w_gu.transpose(-2, -1), offs=offs).chunk(2, dim=-1)
-            out = F.grouped_mm(F.silu(gate) * up, w_down.transpose(-2, -1), offs=offs)  # (N*K,H)
-        elif low and counts.numel() * int(counts.max()) <= 1.6 * flat.numel():
-            # bf16: padding pays while the busiest expert has < ~1.6x the mean load (measured crossover on CPU,
-            # 16 experts x 256 tokens); in fp32 the per-expert loop below measured faster at every load
-            out = _padded_bmm(xs, flat[order], counts, w_gu, w_down)
-        elif low:
-            out = _hybrid(xs, flat[order], counts, w_gu, w_down)
+            out = F.grouped_mm(F.silu(gate) * up * scale[:, None], w_down.transpose(-2, -1), offs=offs)
         else:
-            # full precision: loop over experts on their contiguous slices. On CPU (16 experts x ~256 tokens, max
-            # load 1.4x the mean) this measured 1.3x faster fwd+bwd than the padded bmm, and as fast as a fused op
-            # with a hand-written backward (tried, not kept). unbind once: indexing w[e] per expert would make
-            # autograd allocate a zero (E,...) gradient per expert (SelectBackward): 150 ms of a 470 ms step.
-            pairs = zip(w_gu.unbind(0), w_down.unbind(0), xs.split(counts.tolist()))
-            out = torch.cat([_swiglu(chunk, gu, down) for gu, down, chunk in pairs if chunk.shape[0]])
-        # back to (token, k) order, then the weighted sum over each token's K experts (a gather instead of a
-        # scatter-add; and mul+sum, as a (N,1,K)@(N,K,H) bmm runs N tiny matmuls in its CPU backward)
-        slot = torch.empty_like(order)
-        slot[order] = torch.arange(order.numel(), device=order.device)
-        out = out.index_select(0, slot).view(N, K, -1)                                   # (N,K,H)
-        return (out * weights.to(out.dtype)[..., None]).sum(dim=1)                       # (N,H)
+            # bf16 on CPU: batched matmuls over padded blocks (bmm ran 1.3-1.5x the loop's GFLOP/s; bench_model bf16
+            # 1.32x -> 1.40x transformers). fp32: the per-expert loop (bench_model 1.15x vs 1.07-1.09x batched).
+            op = ExpertBatched if low else ExpertLoop
+            out = op.apply(xs, w_gu, w_down, scale, counts.tolist())
+        # each token's K weighted expert outputs summed back in token order: an index_add, whose backward is one
+        # gather (an index_select to (N,K,H) then sum would zero-fill and scatter a (N*K,H) gradient instead)
+        return out.new_zeros(N, out.shape[-1]).index_add_(0, token, out)                 # (N,H)
 
     def forward_reference(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Slow, obviously-right path: every token through each of its K experts, one at a time."""

@@ -35,7 +35,7 @@ def _chunks(hidden, weight, targets, row_weight, chunk, want_grad):
     # fp32: dL/dW accumulates chunk by chunk in place. Low precision: every chunk's gradient is kept (N x V in
     # bf16, half the fp32 logits an unfused head holds) for one dL/dW matmul at the end, which rounds once, as
     # autograd's bf16 linear does, instead of once per chunk.
-    grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_grad and not low else None
+    grad_w = None                                           # fp32: the first chunk's matmul creates it
     # One logits buffer for every chunk: a fresh multi-MiB tensor per chunk costs page faults on CPU (glibc hands
     # large blocks back to the OS), which measured as much as the matmul that fills it.
     logits_buf = torch.empty(min(chunk, N), V, dtype=acc, device=hidden.device)
@@ -62,7 +62,7 @@ def _chunks(hidden, weight, targets, row_weight, chunk, want_grad):
                 g = low_c.copy_(g)
             torch.mm(g, weight, out=grad_h[s:s + chunk])
             if not low:
-                grad_w.addmm_(g.t(), h)
+                grad_w = torch.mm(g.t(), h) if grad_w is None else grad_w.addmm_(g.t(), h)
     if want_grad and low:
         grad_w = low_buf.t() @ hidden                                                   # (V,H)
     return loss, grad_h, grad_w
@@ -78,7 +78,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grad_h, grad_w = ctx.saved_tensors                   # computed for grad_loss = 1: scale (no host sync),
+        grad_h, grad_w = ctx.saved_tensors                   # computed for grad_loss = 1
+        if grad_loss.device.type == "cpu" and grad_loss.item() == 1.0:
+            # the usual case (the loss is already the mean): no rescaling pass over the (V,H) gradient. On GPU
+            # the check would cost a host sync, so it always scales there.
+            return grad_h, grad_w, None, None, None, None
         return (grad_h * grad_loss.to(grad_h.dtype), grad_w * grad_loss.to(grad_w.dtype),   # out of place: the
                 None, None, None, None)                      # saved ones must survive a retained graph's 2nd pass
 

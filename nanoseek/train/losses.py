@@ -26,8 +26,10 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tenso
     """
     n = (mask.sum() if mask is not None else targets.numel()) if normalizer is None else normalizer
     if head_weight is not None:
-        row_weight = torch.ones_like(targets, dtype=torch.float32) if mask is None else mask.float()
-        return linear_cross_entropy(logits.flatten(0, 1), head_weight, targets.flatten(), row_weight.flatten()) / n
+        # 1/n goes into the row weights, so that backward receives exactly 1 and skips a rescaling pass
+        row_weight = (torch.ones_like(targets, dtype=torch.float32) if mask is None else mask.float()) / n
+        loss = linear_cross_entropy(logits.flatten(0, 1), head_weight, targets.flatten(), row_weight.flatten())
+        return loss.to(torch.promote_types(loss.dtype, n.dtype)) if torch.is_tensor(n) else loss  # as `/ n` would
     ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")   # (B*T,)
     if mask is not None:
         ce = ce * mask.flatten().to(ce.dtype)

@@ -1,0 +1,159 @@
+"""Routed experts as single autograd ops with hand-written backward: every expert's result lands in one
+preallocated buffer (outputs, input gradients, stacked weight gradients).
+
+Under autograd, per-expert matmuls make per-expert tensors glued back by cats (outputs, and each expert's
+gate/up gradient) and stacks (the weight gradients): multi-MiB fresh allocations every step, that glibc
+page-faults in. Two schedules of the same math, `moe._swiglu` per expert, chosen by `Experts.forward`:
+
+- `ExpertLoop`: one matmul per expert on its contiguous slot slice. No padding.
+- `ExpertBatched`: slots packed into M blocks of C rows, each block one expert's (an expert over C slots gets
+  several blocks, its weights repeated), zero-padded, and run as batched matmuls. CPU bmm splits the batch
+  across cores (no per-matmul thread sync) and measured 1.3-1.5x the per-expert loop's GFLOP/s in bf16 and
+  1.1-1.2x in fp32 (16 experts x 256 rows, H 256, I 128).
+
+Shapes: S slots sorted by expert, H hidden, I expert width, E experts, M blocks of C rows.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+
+def _swiglu_backward(d_h, gate_up, silu):
+    """d(silu(gate) * up) -> d(gate_up) (..., 2I) in one buffer (autograd would cat the gate and up halves)."""
+    I = silu.shape[-1]
+    d_gate_up = torch.empty_like(gate_up)
+    torch.mul(d_h, silu, out=d_gate_up[..., I:])
+    torch.ops.aten.silu_backward.grad_input(d_h * gate_up[..., I:], gate_up[..., :I], grad_input=d_gate_up[..., :I])
+    return d_gate_up
+
+
+class ExpertLoop(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, xs, w_gate_up, w_down, scale, sizes):
+        """xs (S,H), w_gate_up (E,2I,H) = [gate; up], w_down (E,H,I), scale (S,) routing weights, sizes: the
+        slots of each expert (python ints, summing to S) -> (S,H) = (silu(gate) * up * scale) @ w_down^T."""
+        I = w_down.shape[-1]
+        out = xs.new_empty(xs.shape)                                 # inputs come in the compute dtype
+        gate_up = xs.new_empty(xs.shape[0], 2 * I)                   # kept for backward (h is recomputed)
+        start = 0
+        for e, n in enumerate(sizes):
+            if n:
+                rows = slice(start, start + n)
+                gu = torch.mm(xs[rows], w_gate_up[e].t(), out=gate_up[rows])           # (n,2I)
+                h = F.silu(gu[:, :I]).mul_(gu[:, I:]).mul_(scale[rows, None])          # (n,I)
+                torch.mm(h, w_down[e].t(), out=out[rows])
+            start += n
+        ctx.sizes = sizes
+        ctx.save_for_backward(xs, w_gate_up, w_down, scale, gate_up)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        xs, w_gate_up, w_down, scale, gate_up = ctx.saved_tensors
+        want_x, want_gu, want_down, want_scale = ctx.needs_input_grad[:4]
+        I = w_down.shape[-1]
+        grad_out = grad_out.contiguous()
+        grad_x = torch.empty_like(xs) if want_x else None
+        grad_gu = torch.empty_like(w_gate_up) if want_gu else None
+        grad_down = torch.empty_like(w_down) if want_down else None
+        grad_scale = torch.empty_like(scale) if want_scale else None
+        start = 0
+        for e, n in enumerate(ctx.sizes):
+            if not n:                                                                  # an idle expert
+                for grad in (grad_gu, grad_down):
+                    if grad is not None:
+                        grad[e].zero_()
+                continue
+            rows = slice(start, start + n)
+            start += n
+            gu = gate_up[rows]
+            silu = F.silu(gu[:, :I])
+            h = silu * gu[:, I:]                                                       # (n,I) before scaling
+            go = grad_out[rows]                                                        # (n,H)
+            if want_down:
+                torch.mm(go.t(), h * scale[rows, None], out=grad_down[e])              # (H,I)
+            d_h = go @ w_down[e]                                                       # d(h * scale) (n,I)
+            if want_scale:
+                torch.sum(d_h * h, dim=-1, out=grad_scale[rows])
+            d_gate_up = _swiglu_backward(d_h.mul_(scale[rows, None]), gu, silu)        # (n,2I)
+            if want_gu:
+                torch.mm(d_gate_up.t(), xs[rows], out=grad_gu[e])                      # (2I,H)
+            if want_x:
+                torch.mm(d_gate_up, w_gate_up[e], out=grad_x[rows])                    # (n,H)
+        return grad_x, grad_gu, grad_down, grad_scale, None
+
+
+def block_plan(sizes: list[int], row_cost_of_copy: int = 24) -> tuple[int, list[int] | None]:
+    """(C, blocks per expert, or None for one block per expert with C = the busiest expert's load).
+
+    Padding to the busiest expert wastes E * max - S rows; at skewed loads, blocks of C < max rows waste at most
+    C - 1 per expert but copy each block's weights (about `row_cost_of_copy` rows' worth of compute each, fwd
+    and bwd). Picks the cheaper, over a few candidate C."""
+    E, S, top = len(sizes), sum(sizes), max(sizes)
+    best = (E * top, top, None)                                  # (cost in rows, C, blocks)
+    for c in {math.ceil(top / k) for k in (2, 3, 4)} | {math.ceil(S / E * f) for f in (1.0, 1.1, 1.25, 1.5)}:
+        if 0 < c < top:
+            blocks = [math.ceil(n / c) for n in sizes]
+            cost = sum(blocks) * (c + row_cost_of_copy)
+            if cost < best[0]:
+                best = (cost, c, blocks)
+    return best[1], best[2]
+
+
+class ExpertBatched(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, xs, w_gate_up, w_down, scale, sizes):
+        """Same arguments and result as `ExpertLoop.forward`, run as batched matmuls over padded blocks."""
+        C, blocks = block_plan(sizes)
+        E, S = len(sizes), xs.shape[0]
+        counts = torch.tensor(sizes, device=xs.device)
+        per_expert = counts.new_ones(E) if blocks is None else torch.tensor(blocks, device=xs.device)
+        expert = torch.repeat_interleave(torch.arange(E, device=xs.device), counts)            # (S,)
+        rank = torch.arange(S, device=xs.device) - (counts.cumsum(0) - counts)[expert]         # slot within expert
+        first_block = per_expert.cumsum(0) - per_expert                                         # (E,)
+        row = (first_block[expert] + rank // C) * C + rank % C                                  # slot -> padded row
+        M = int(per_expert.sum())
+        block_expert = None if blocks is None else torch.repeat_interleave(torch.arange(E, device=xs.device),
+                                                                           per_expert)          # (M,)
+        if block_expert is not None:                                                            # repeat weights
+            w_gate_up, w_down = w_gate_up.index_select(0, block_expert), w_down.index_select(0, block_expert)
+        # padding rows are zero inputs with zero scale: outputs 0, and zero gradients into the weights
+        x_pad = xs.new_zeros(M * C, xs.shape[1]).index_copy_(0, row, xs).view(M, C, -1)         # (M,C,H)
+        scale_pad = scale.new_zeros(M * C).index_copy_(0, row, scale).view(M, C, 1)            # (M,C,1)
+        gate_up = torch.bmm(x_pad, w_gate_up.transpose(1, 2))                                   # (M,C,2I)
+        I = w_down.shape[-1]
+        h = F.silu(gate_up[..., :I]).mul_(gate_up[..., I:]).mul_(scale_pad)                     # (M,C,I)
+        out = torch.bmm(h, w_down.transpose(1, 2)).view(M * C, -1).index_select(0, row)        # (S,H)
+        ctx.save_for_backward(x_pad, w_gate_up, w_down, scale_pad, gate_up, row, block_expert)
+        ctx.num_experts = E
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        x_pad, w_gate_up, w_down, scale_pad, gate_up, row, block_expert = ctx.saved_tensors
+        want_x, want_gu, want_down, want_scale = ctx.needs_input_grad[:4]
+        M, C, H = x_pad.shape
+        I = w_down.shape[-1]
+        go = grad_out.new_zeros(M * C, H).index_copy_(0, row, grad_out).view(M, C, H)          # (M,C,H)
+        silu = F.silu(gate_up[..., :I])
+        h = silu * gate_up[..., I:]                                                             # (M,C,I)
+        grad_down = torch.bmm(go.transpose(1, 2), h * scale_pad) if want_down else None         # (M,H,I)
+        d_h = torch.bmm(go, w_down)                                                             # (M,C,I)
+        grad_scale = (d_h * h).sum(-1).view(-1).index_select(0, row) if want_scale else None    # (S,)
+        d_gate_up = _swiglu_backward(d_h.mul_(scale_pad), gate_up, silu)                        # (M,C,2I)
+        grad_gu = torch.bmm(d_gate_up.transpose(1, 2), x_pad) if want_gu else None              # (M,2I,H)
+        grad_x = (torch.bmm(d_gate_up, w_gate_up).view(M * C, H).index_select(0, row)          # (S,H)
+                  if want_x else None)
+        if block_expert is not None:                                  # sum the repeated weights' gradients
+            E = ctx.num_experts
+            grad_gu = None if grad_gu is None else grad_gu.new_zeros(E, *grad_gu.shape[1:]).index_add_(
+                0, block_expert, grad_gu)
+            grad_down = None if grad_down is None else grad_down.new_zeros(E, *grad_down.shape[1:]).index_add_(
+                0, block_expert, grad_down)
+        return grad_x, grad_gu, grad_down, grad_scale, None
