@@ -52,9 +52,9 @@ def test_skewed_routing_loop_path_matches_reference():
     [0, 0, 0, 12, 0, 0, 0, 0],                    # every slot on one expert
 ])
 def test_expert_ops_match_per_expert_autograd(sizes):
-    """ExpertLoop and ExpertBatched (hand-written backward) against `_swiglu` run per expert under autograd, in
-    fp64: outputs and the gradients of the slots, both weight stacks and the routing weights."""
-    from nanoseek.model.expert_ops import ExpertBatched, ExpertLoop, block_plan
+    """ExpertBatched (hand-written backward) against `_swiglu` run per expert under autograd, in fp64: outputs
+    and the gradients of the slots, both weight stacks and the routing weights."""
+    from nanoseek.model.expert_ops import ExpertBatched, block_plan
     from nanoseek.model.moe import _swiglu
 
     g = torch.Generator().manual_seed(sum(sizes))
@@ -71,11 +71,10 @@ def test_expert_ops_match_per_expert_autograd(sizes):
     ref_grads = torch.autograd.grad((ref * proj).sum(), params)
     if S > 1000:
         assert block_plan(sizes)[1] is not None                              # the split-block schedule is tested
-    for op in (ExpertLoop, ExpertBatched):
-        out = op.apply(xs, w_gu, w_down, scale, sizes)
-        torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
-        for a, b in zip(torch.autograd.grad((out * proj).sum(), params), ref_grads):
-            torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+    out = ExpertBatched.apply(xs, w_gu, w_down, scale, sizes)
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
+    for a, b in zip(torch.autograd.grad((out * proj).sum(), params), ref_grads):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
 
 
 def test_bf16_experts_match_reference():

@@ -1,15 +1,10 @@
-"""Routed experts as single autograd ops with hand-written backward: every expert's result lands in one
-preallocated buffer (outputs, input gradients, stacked weight gradients).
+"""Routed experts as batched matmuls over padded blocks, one autograd op with a hand-written backward.
 
-Under autograd, per-expert matmuls make per-expert tensors glued back by cats (outputs, and each expert's
-gate/up gradient) and stacks (the weight gradients): multi-MiB fresh allocations every step, that glibc
-page-faults in. Two schedules of the same math, `moe._swiglu` per expert, chosen by `Experts.forward`:
-
-- `ExpertLoop`: one matmul per expert on its contiguous slot slice. No padding.
-- `ExpertBatched`: slots packed into M blocks of C rows, each block one expert's (an expert over C slots gets
-  several blocks, its weights repeated), zero-padded, and run as batched matmuls. CPU bmm splits the batch
-  across cores (no per-matmul thread sync) and measured 1.3-1.5x the per-expert loop's GFLOP/s in bf16 and
-  1.1-1.2x in fp32 (16 experts x 256 rows, H 256, I 128).
+`ExpertBatched` computes what `moe._swiglu` per expert computes: slots are packed into M blocks of C rows, each
+block one expert's (an expert with more than C slots gets several blocks, its weights repeated), zero-padded, and
+run as batched matmuls. CPU bmm splits the batch across cores (no per-matmul thread sync): it measured 1.3-1.5x
+the GFLOP/s of a per-expert loop in bf16 (16 experts x 256 rows, H 256, I 128). The backward writes each gradient
+once (autograd over the same ops would also zero-fill and scatter the padded buffers' gradients).
 
 Shapes: S slots sorted by expert, H hidden, I expert width, E experts, M blocks of C rows.
 """
@@ -29,63 +24,6 @@ def _swiglu_backward(d_h, gate_up, silu):
     torch.mul(d_h, silu, out=d_gate_up[..., I:])
     torch.ops.aten.silu_backward.grad_input(d_h * gate_up[..., I:], gate_up[..., :I], grad_input=d_gate_up[..., :I])
     return d_gate_up
-
-
-class ExpertLoop(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, xs, w_gate_up, w_down, scale, sizes):
-        """xs (S,H), w_gate_up (E,2I,H) = [gate; up], w_down (E,H,I), scale (S,) routing weights, sizes: the
-        slots of each expert (python ints, summing to S) -> (S,H) = (silu(gate) * up * scale) @ w_down^T."""
-        I = w_down.shape[-1]
-        out = xs.new_empty(xs.shape)                                 # inputs come in the compute dtype
-        gate_up = xs.new_empty(xs.shape[0], 2 * I)                   # kept for backward (h is recomputed)
-        start = 0
-        for e, n in enumerate(sizes):
-            if n:
-                rows = slice(start, start + n)
-                gu = torch.mm(xs[rows], w_gate_up[e].t(), out=gate_up[rows])           # (n,2I)
-                h = F.silu(gu[:, :I]).mul_(gu[:, I:]).mul_(scale[rows, None])          # (n,I)
-                torch.mm(h, w_down[e].t(), out=out[rows])
-            start += n
-        ctx.sizes = sizes
-        ctx.save_for_backward(xs, w_gate_up, w_down, scale, gate_up)
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        xs, w_gate_up, w_down, scale, gate_up = ctx.saved_tensors
-        want_x, want_gu, want_down, want_scale = ctx.needs_input_grad[:4]
-        I = w_down.shape[-1]
-        grad_out = grad_out.contiguous()
-        grad_x = torch.empty_like(xs) if want_x else None
-        grad_gu = torch.empty_like(w_gate_up) if want_gu else None
-        grad_down = torch.empty_like(w_down) if want_down else None
-        grad_scale = torch.empty_like(scale) if want_scale else None
-        start = 0
-        for e, n in enumerate(ctx.sizes):
-            if not n:                                                                  # an idle expert
-                for grad in (grad_gu, grad_down):
-                    if grad is not None:
-                        grad[e].zero_()
-                continue
-            rows = slice(start, start + n)
-            start += n
-            gu = gate_up[rows]
-            silu = F.silu(gu[:, :I])
-            h = silu * gu[:, I:]                                                       # (n,I) before scaling
-            go = grad_out[rows]                                                        # (n,H)
-            if want_down:
-                torch.mm(go.t(), h * scale[rows, None], out=grad_down[e])              # (H,I)
-            d_h = go @ w_down[e]                                                       # d(h * scale) (n,I)
-            if want_scale:
-                torch.sum(d_h * h, dim=-1, out=grad_scale[rows])
-            d_gate_up = _swiglu_backward(d_h.mul_(scale[rows, None]), gu, silu)        # (n,2I)
-            if want_gu:
-                torch.mm(d_gate_up.t(), xs[rows], out=grad_gu[e])                      # (2I,H)
-            if want_x:
-                torch.mm(d_gate_up, w_gate_up[e], out=grad_x[rows])                    # (n,H)
-        return grad_x, grad_gu, grad_down, grad_scale, None
 
 
 def block_plan(sizes: list[int], row_cost_of_copy: int = 24) -> tuple[int, list[int] | None]:
@@ -108,7 +46,8 @@ def block_plan(sizes: list[int], row_cost_of_copy: int = 24) -> tuple[int, list[
 class ExpertBatched(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xs, w_gate_up, w_down, scale, sizes):
-        """Same arguments and result as `ExpertLoop.forward`, run as batched matmuls over padded blocks."""
+        """xs (S,H), w_gate_up (E,2I,H) = [gate; up], w_down (E,H,I), scale (S,) routing weights, sizes: the
+        slots of each expert (python ints, summing to S) -> (S,H) = (silu(gate) * up * scale) @ w_down^T."""
         C, blocks = block_plan(sizes)
         E, S = len(sizes), xs.shape[0]
         counts = torch.tensor(sizes, device=xs.device)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.model.expert_ops import ExpertBatched, ExpertLoop
+from nanoseek.model.expert_ops import ExpertBatched
 
 
 class MLP(nn.Module):
@@ -128,11 +128,17 @@ class Experts(nn.Module):
             offs = counts.cumsum(0).to(torch.int32)
             gate, up = F.grouped_mm(xs, w_gu.transpose(-2, -1), offs=offs).chunk(2, dim=-1)
             out = F.grouped_mm(F.silu(gate) * up * scale[:, None], w_down.transpose(-2, -1), offs=offs)
-        else:
+        elif low:
             # bf16 on CPU: batched matmuls over padded blocks (bmm ran 1.3-1.5x the loop's GFLOP/s; bench_model bf16
-            # 1.32x -> 1.40x transformers). fp32: the per-expert loop (bench_model 1.15x vs 1.07-1.09x batched).
-            op = ExpertBatched if low else ExpertLoop
-            out = op.apply(xs, w_gu, w_down, scale, counts.tolist())
+            # 1.32x -> 1.40x transformers; in fp32 it measured 1.07-1.09x against the loop's 1.15x)
+            out = ExpertBatched.apply(xs, w_gu, w_down, scale, counts.tolist())
+        else:
+            # full precision: loop over experts on their contiguous slices. unbind once: indexing w[e] per expert
+            # would make autograd allocate a zero (E,...) gradient per expert (SelectBackward): 150 ms of a 470 ms
+            # step. A hand-written backward writing into preallocated buffers measured no faster (tried twice).
+            sizes = counts.tolist()
+            pieces = zip(w_gu.unbind(0), w_down.unbind(0), xs.split(sizes), scale.split(sizes))
+            out = torch.cat([_swiglu(chunk, gu, down, sc) for gu, down, chunk, sc in pieces if chunk.shape[0]])
         # each token's K weighted expert outputs summed back in token order: an index_add, whose backward is one
         # gather (an index_select to (N,K,H) then sum would zero-fill and scatter a (N*K,H) gradient instead)
         return out.new_zeros(N, out.shape[-1]).index_add_(0, token, out)                 # (N,H)
