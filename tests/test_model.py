@@ -230,3 +230,23 @@ def test_backward_reaches_every_trained_parameter():
     (out.logits.sum() + out.mtp_logits[0].sum()).backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None]
     assert missing == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_complex_path_matches_pairwise_formula(dtype):
+    """Eager apply_rope multiplies complex pairs; compiled code runs the pairwise formula. Same values, on
+    contiguous inputs and on odd-offset slices (which complex views cannot take), with and without heads."""
+    from nanoseek.model.rope import apply_rope
+
+    g = torch.Generator().manual_seed(0)
+    angles = torch.randn(7, 8, generator=g)
+    cos, sin = angles.cos(), angles.sin()
+    for x in (torch.randn(2, 7, 3, 35, generator=g)[..., 19:], torch.randn(2, 7, 3, 16, generator=g),
+              torch.randn(2, 7, 21, generator=g)[..., 5:]):
+        x = x.to(dtype)
+        c, s = (cos.unsqueeze(-2), sin.unsqueeze(-2)) if x.dim() == 4 else (cos, sin)
+        x1, x2 = x[..., 0::2].float(), x[..., 1::2].float()
+        expected = torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(dtype)
+        got = apply_rope(x, cos, sin)
+        assert got.dtype == dtype
+        torch.testing.assert_close(got, expected, atol=0, rtol=0)

