@@ -7,9 +7,10 @@ from torch.autograd.function import once_differentiable
 
 
 class _RMSNormFull(torch.autograd.Function):
-    """fp32/fp64 RMSNorm with a hand-written backward: 3 elementwise passes where autograd's graph of the
-    composite (pow, mean, add, rsqrt, mul, mul) runs 9, and one saved tensor instead of four. Measured 1.4x
-    faster fwd+bwd on (4, 256, 256) fp32 on CPU; same values as the composite."""
+    """fp32/fp64 RMSNorm with a hand-written backward (the closed form rstd * (g - n * mean(g * n)), g the
+    weighted gradient, n the normed input) instead of autograd's walk back through pow, mean, add, rsqrt and two
+    multiplies; saves the normed input and rstd only. Measured 1.4x faster fwd+bwd on (4, 256, 256) fp32 on CPU;
+    the forward is the composite's, value for value."""
 
     @staticmethod
     def forward(ctx, x, weight, eps):

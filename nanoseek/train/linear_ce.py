@@ -100,7 +100,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors                   # computed for grad_loss = 1
         if grad_loss.device.type == "cpu" and grad_loss.item() == 1.0:
             # the usual case (the loss is already the mean): no rescaling pass over the (V,H) gradient. On GPU
-            # the check would cost a host sync, so it always scales there.
+            # the check would cost a host sync, so it always scales there. Returning the saved tensors is safe
+            # under retain_graph: autograd only reuses a gradient buffer in place when nothing else holds it.
             return grad_h, grad_w, None, None, None, None
         return (grad_h * grad_loss.to(grad_h.dtype), grad_w * grad_loss.to(grad_w.dtype),   # out of place: the
                 None, None, None, None)                      # saved ones must survive a retained graph's 2nd pass
