@@ -28,7 +28,8 @@ def _onednn_fp32(*tensors) -> bool:
     inductor's CPU linear fusion calls). For 256 rows x 256 -> 8192 outputs it measured 202 GFLOP/s against
     MKL's 149 (and 215 vs 179 for dL/dh = g @ W); a chunk loop of the benchmark head 82 -> 72 ms."""
     return (all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
-            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+            and torch.backends.cpu.get_cpu_capability().startswith("AVX"))    # measured on x86 only
 
 
 def _mm_nt(a: torch.Tensor, b: torch.Tensor, onednn: bool, out: torch.Tensor | None = None) -> torch.Tensor:
