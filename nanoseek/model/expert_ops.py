@@ -56,10 +56,9 @@ class ExpertBatched(torch.autograd.Function):
         rank = torch.arange(S, device=xs.device) - (counts.cumsum(0) - counts)[expert]         # slot within expert
         first_block = per_expert.cumsum(0) - per_expert                                         # (E,)
         row = (first_block[expert] + rank // C) * C + rank % C                                  # slot -> padded row
-        M = int(per_expert.sum())
-        block_expert = None if blocks is None else torch.repeat_interleave(torch.arange(E, device=xs.device),
-                                                                           per_expert)          # (M,)
-        if block_expert is not None:                                                            # repeat weights
+        M, block_expert = int(per_expert.sum()), None
+        if blocks is not None:                                        # an expert's blocks repeat its weights
+            block_expert = torch.repeat_interleave(torch.arange(E, device=xs.device), per_expert)    # (M,)
             w_gate_up, w_down = w_gate_up.index_select(0, block_expert), w_down.index_select(0, block_expert)
         # padding rows are zero inputs with zero scale: outputs 0, and zero gradients into the weights
         x_pad = xs.new_zeros(M * C, xs.shape[1]).index_copy_(0, row, xs).view(M, C, -1)         # (M,C,H)
@@ -90,9 +89,8 @@ class ExpertBatched(torch.autograd.Function):
         grad_x = (torch.bmm(d_gate_up, w_gate_up).view(M * C, H).index_select(0, row)          # (S,H)
                   if want_x else None)
         if block_expert is not None:                                  # sum the repeated weights' gradients
-            E = ctx.num_experts
-            grad_gu = None if grad_gu is None else grad_gu.new_zeros(E, *grad_gu.shape[1:]).index_add_(
-                0, block_expert, grad_gu)
-            grad_down = None if grad_down is None else grad_down.new_zeros(E, *grad_down.shape[1:]).index_add_(
-                0, block_expert, grad_down)
+            def per_expert(grad):
+                return grad.new_zeros(ctx.num_experts, *grad.shape[1:]).index_add_(0, block_expert, grad)
+            grad_gu = None if grad_gu is None else per_expert(grad_gu)
+            grad_down = None if grad_down is None else per_expert(grad_down)
         return grad_x, grad_gu, grad_down, grad_scale, None

@@ -33,10 +33,12 @@ def _onednn_fp32(*tensors) -> bool:
 
 
 def _mm_nt(a: torch.Tensor, b: torch.Tensor, onednn: bool, out: torch.Tensor | None = None) -> torch.Tensor:
-    """a @ b^T: through oneDNN (a new tensor), else MKL/cuBLAS into `out` when given."""
-    if onednn:
-        return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
-    return torch.mm(a, b.t(), out=out)
+    """a @ b^T, into `out` when given: through oneDNN (its op makes a new tensor, copied into `out`), else
+    MKL/cuBLAS."""
+    if not onednn:
+        return torch.mm(a, b.t(), out=out)
+    result = torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+    return result if out is None else out.copy_(result)
 
 
 def _chunks(hidden, weight, targets, row_weight, chunk, want_grad):
@@ -77,10 +79,7 @@ def _chunks(hidden, weight, targets, row_weight, chunk, want_grad):
             g.scatter_add_(1, t, -rw)                                                   # (softmax - onehot) * w
             if low:
                 g = low_c.copy_(g)
-            if onednn:
-                grad_h[s:s + c] = _mm_nt(g, weight.t(), onednn)
-            else:
-                torch.mm(g, weight, out=grad_h[s:s + c])
+            _mm_nt(g, weight.t(), onednn, out=grad_h[s:s + c])                          # dL/dh = g @ W
             if not low:
                 grad_w = torch.mm(g.t(), h) if grad_w is None else grad_w.addmm_(g.t(), h)
     if want_grad and low:
