@@ -54,10 +54,20 @@ def moe_static(moe: MoE, x: torch.Tensor) -> torch.Tensor:
         y = torch.einsum("nei,ehi->neh", F.silu(gate) * up, w_down)                     # (N,E,H)
         route = torch.zeros(N, E, dtype=weights.dtype, device=x.device).scatter_(1, indices, weights)
         out = torch.einsum("ne,neh->nh", route.to(y.dtype), y)
-    else:
+    elif N == 1:                           # (a size-1 dim is specialized: a static test, no guard)
         gate, up = torch.einsum("nh,nkih->nki", flat, w_gu[indices]).chunk(2, dim=-1)   # (N,K,I) x2
         y = torch.einsum("nki,nkhi->nkh", F.silu(gate) * up, w_down[indices])           # (N,K,H)
         out = torch.einsum("nk,nkh->nh", weights.to(y.dtype), y)
+    else:
+        # CPU, several tokens: the same gather over the N*K slots sorted by expert, so consecutive slots read
+        # the same expert's weights while they are in cache (batch-16 decode step 8.83 -> 8.37 ms, A/B in one
+        # process); the weighted outputs are summed back per token by index_add
+        slots = indices.reshape(-1)                                                     # (N*K,)
+        order = slots.argsort()
+        expert, token = slots[order], order // K
+        gate, up = torch.einsum("sh,sih->si", flat[token], w_gu[expert]).chunk(2, dim=-1)   # (N*K,I) x2
+        h = F.silu(gate) * up * weights.reshape(-1)[order, None].to(gate.dtype)
+        out = torch.zeros_like(flat).index_add_(0, token, torch.einsum("si,shi->sh", h, w_down[expert]))
     out = out.view(shape)
     if moe.shared_experts is not None:
         out = out + moe.shared_experts(x)
