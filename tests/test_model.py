@@ -52,26 +52,31 @@ def test_skewed_routing_loop_path_matches_reference():
     [0, 0, 0, 12, 0, 0, 0, 0],                    # every slot on one expert
 ])
 def test_expert_ops_match_per_expert_autograd(sizes):
-    """ExpertBatched (hand-written backward) against `_swiglu` run per expert under autograd, in fp64: outputs
-    and the gradients of the slots, both weight stacks and the routing weights."""
+    """ExpertBatched (hand-written backward) against `_swiglu` run per expert under autograd then summed per token,
+    in fp64: outputs and the gradients of the tokens, both weight stacks and the routing weights."""
     from nanoseek.model.expert_ops import ExpertBatched, block_plan
     from nanoseek.model.moe import _swiglu
 
     g = torch.Generator().manual_seed(sum(sizes))
     E, H, I, S = len(sizes), 16, 8, sum(sizes)
-    params = [torch.randn(S, H, generator=g, dtype=torch.float64),            # slots, sorted by expert
+    N = max(S // 3, 1)
+    token = torch.randint(0, N, (S,), generator=g)                           # source token of each slot
+    params = [torch.randn(N, H, generator=g, dtype=torch.float64),            # tokens
               torch.randn(E, 2 * I, H, generator=g, dtype=torch.float64),     # gate_up
               torch.randn(E, H, I, generator=g, dtype=torch.float64),         # down
-              torch.rand(S, generator=g, dtype=torch.float64)]                # routing weights
+              torch.rand(S, generator=g, dtype=torch.float64)]                # routing weights, slots by expert
     params = [p.requires_grad_() for p in params]
-    xs, w_gu, w_down, scale = params
-    proj = torch.randn(S, H, generator=g, dtype=torch.float64)
-    ref = torch.cat([_swiglu(c, gu, d, sc) for gu, d, c, sc in zip(w_gu.unbind(0), w_down.unbind(0),
-                                                                   xs.split(sizes), scale.split(sizes)) if c.shape[0]])
+    x, w_gu, w_down, scale = params
+    xs = x[token]
+    proj = torch.randn(N, H, generator=g, dtype=torch.float64)
+    per_slot = torch.cat([_swiglu(c, gu, d, sc) for gu, d, c, sc in zip(w_gu.unbind(0), w_down.unbind(0),
+                                                                        xs.split(sizes), scale.split(sizes))
+                          if c.shape[0]])
+    ref = torch.zeros(N, H, dtype=torch.float64).index_add(0, token, per_slot)
     ref_grads = torch.autograd.grad((ref * proj).sum(), params)
     if S > 1000:
         assert block_plan(sizes)[1] is not None                              # the split-block schedule is tested
-    out = ExpertBatched.apply(xs, w_gu, w_down, scale, sizes)
+    out = ExpertBatched.apply(x, token, w_gu, w_down, scale, sizes)
     torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
     for a, b in zip(torch.autograd.grad((out * proj).sum(), params), ref_grads):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)

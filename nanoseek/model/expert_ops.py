@@ -1,12 +1,13 @@
 """Routed experts as batched matmuls over padded blocks, one autograd op with a hand-written backward.
 
-`ExpertBatched` computes what `moe._swiglu` per expert computes: slots are packed into M blocks of C rows, each
-block one expert's (an expert with more than C slots gets several blocks, its weights repeated), zero-padded, and
-run as batched matmuls. CPU bmm splits the batch across cores (no per-matmul thread sync): it measured 1.3-1.5x
-the GFLOP/s of a per-expert loop in bf16 (16 experts x 256 rows, H 256, I 128). The backward writes each gradient
-once (autograd over the same ops would also zero-fill and scatter the padded buffers' gradients).
+`ExpertBatched` computes what `moe._swiglu` per expert computes, summed back per token: slots are packed into M
+blocks of C rows, each block one expert's (an expert with more than C slots gets several blocks, its weights
+repeated), gathered straight from the tokens, zero-weighted where padded, and run as batched matmuls. CPU bmm
+splits the batch across cores (no per-matmul thread sync): it measured 1.3-1.5x the GFLOP/s of a per-expert loop
+in bf16 (16 experts x 256 rows, H 256, I 128). The backward writes each gradient once (autograd over the same ops
+would also zero-fill and scatter the padded buffers' gradients).
 
-Shapes: S slots sorted by expert, H hidden, I expert width, E experts, M blocks of C rows.
+Shapes: N tokens, S slots sorted by expert, H hidden, I expert width, E experts, M blocks of C rows.
 """
 from __future__ import annotations
 
@@ -45,52 +46,61 @@ def block_plan(sizes: list[int], row_cost_of_copy: int = 24) -> tuple[int, list[
 
 class ExpertBatched(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, xs, w_gate_up, w_down, scale, sizes):
-        """xs (S,H), w_gate_up (E,2I,H) = [gate; up], w_down (E,H,I), scale (S,) routing weights, sizes: the
-        slots of each expert (python ints, summing to S) -> (S,H) = (silu(gate) * up * scale) @ w_down^T."""
+    def forward(ctx, x, token, w_gate_up, w_down, scale, sizes):
+        """x (N,H) tokens, token (S,) the source token of each slot (slots sorted by expert), w_gate_up (E,2I,H) =
+        [gate; up], w_down (E,H,I), scale (S,) routing weights, sizes: the slots of each expert (python ints,
+        summing to S) -> (N,H): each token's slots' (silu(gate) * up * scale) @ w_down^T, summed.
+
+        The padded blocks are gathered straight from x and summed straight back into (N,H) (no (S,H) copies in
+        between): a padding row reads token 0 with routing weight 0, so its output and its gradients into the
+        weights and x are exactly zero."""
         C, blocks = block_plan(sizes)
-        E, S = len(sizes), xs.shape[0]
-        counts = torch.tensor(sizes, device=xs.device)
-        per_expert = counts.new_ones(E) if blocks is None else torch.tensor(blocks, device=xs.device)
-        expert = torch.repeat_interleave(torch.arange(E, device=xs.device), counts)            # (S,)
-        rank = torch.arange(S, device=xs.device) - (counts.cumsum(0) - counts)[expert]         # slot within expert
+        E, S, N = len(sizes), token.shape[0], x.shape[0]
+        counts = torch.tensor(sizes, device=x.device)
+        per_expert = counts.new_ones(E) if blocks is None else torch.tensor(blocks, device=x.device)
+        expert = torch.repeat_interleave(torch.arange(E, device=x.device), counts)             # (S,)
+        rank = torch.arange(S, device=x.device) - (counts.cumsum(0) - counts)[expert]          # slot within expert
         first_block = per_expert.cumsum(0) - per_expert                                         # (E,)
         row = (first_block[expert] + rank // C) * C + rank % C                                  # slot -> padded row
         M, block_expert = int(per_expert.sum()), None
         if blocks is not None:                                        # an expert's blocks repeat its weights
-            block_expert = torch.repeat_interleave(torch.arange(E, device=xs.device), per_expert)    # (M,)
+            block_expert = torch.repeat_interleave(torch.arange(E, device=x.device), per_expert)    # (M,)
             w_gate_up, w_down = w_gate_up.index_select(0, block_expert), w_down.index_select(0, block_expert)
-        # padding rows are zero inputs with zero scale: outputs 0, and zero gradients into the weights
-        x_pad = xs.new_zeros(M * C, xs.shape[1]).index_copy_(0, row, xs).view(M, C, -1)         # (M,C,H)
+        row_token = token.new_zeros(M * C).index_copy_(0, row, token)                          # (M*C,) source token
+        x_pad = x.index_select(0, row_token).view(M, C, -1)                                     # (M,C,H)
         scale_pad = scale.new_zeros(M * C).index_copy_(0, row, scale).view(M, C, 1)            # (M,C,1)
         gate_up = torch.bmm(x_pad, w_gate_up.transpose(1, 2))                                   # (M,C,2I)
         I = w_down.shape[-1]
-        h = F.silu(gate_up[..., :I]).mul_(gate_up[..., I:]).mul_(scale_pad)                     # (M,C,I)
-        out = torch.bmm(h, w_down.transpose(1, 2)).view(M * C, -1).index_select(0, row)        # (S,H)
-        ctx.save_for_backward(x_pad, w_gate_up, w_down, scale_pad, gate_up, row, block_expert)
-        ctx.num_experts = E
-        return out
+        silu = F.silu(gate_up[..., :I])
+        h = silu * gate_up[..., I:]                                                             # (M,C,I)
+        h_scaled = h * scale_pad
+        out = torch.bmm(h_scaled, w_down.transpose(1, 2)).view(M * C, -1)                       # (M*C,H)
+        # silu, h and h * scale are kept, not recomputed: three (M,C,I) passes fewer in backward
+        ctx.save_for_backward(x_pad, w_gate_up, w_down, scale_pad, gate_up, silu, h, h_scaled, row, row_token,
+                              block_expert)
+        ctx.num_experts, ctx.num_tokens = E, N
+        return out.new_zeros(N, out.shape[-1]).index_add_(0, row_token, out)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        x_pad, w_gate_up, w_down, scale_pad, gate_up, row, block_expert = ctx.saved_tensors
-        want_x, want_gu, want_down, want_scale = ctx.needs_input_grad[:4]
+        x_pad, w_gate_up, w_down, scale_pad, gate_up, silu, h, h_scaled, row, row_token, block_expert = \
+            ctx.saved_tensors
+        want_x, _, want_gu, want_down, want_scale = ctx.needs_input_grad[:5]
         M, C, H = x_pad.shape
-        I = w_down.shape[-1]
-        go = grad_out.new_zeros(M * C, H).index_copy_(0, row, grad_out).view(M, C, H)          # (M,C,H)
-        silu = F.silu(gate_up[..., :I])
-        h = silu * gate_up[..., I:]                                                             # (M,C,I)
-        grad_down = torch.bmm(go.transpose(1, 2), h * scale_pad) if want_down else None         # (M,H,I)
+        go = grad_out.index_select(0, row_token).view(M, C, H)                                  # (M,C,H)
+        grad_down = torch.bmm(go.transpose(1, 2), h_scaled) if want_down else None              # (M,H,I)
         d_h = torch.bmm(go, w_down)                                                             # (M,C,I)
         grad_scale = (d_h * h).sum(-1).view(-1).index_select(0, row) if want_scale else None    # (S,)
         d_gate_up = _swiglu_backward(d_h.mul_(scale_pad), gate_up, silu)                        # (M,C,2I)
         grad_gu = torch.bmm(d_gate_up.transpose(1, 2), x_pad) if want_gu else None              # (M,2I,H)
-        grad_x = (torch.bmm(d_gate_up, w_gate_up).view(M * C, H).index_select(0, row)          # (S,H)
-                  if want_x else None)
+        grad_x = None
+        if want_x:                                                    # padding rows carry zero d_gate_up
+            grad_x = grad_out.new_zeros(ctx.num_tokens, H).index_add_(
+                0, row_token, torch.bmm(d_gate_up, w_gate_up).view(M * C, H))                  # (N,H)
         if block_expert is not None:                                  # sum the repeated weights' gradients
             def per_expert(grad):
                 return grad.new_zeros(ctx.num_experts, *grad.shape[1:]).index_add_(0, block_expert, grad)
             grad_gu = None if grad_gu is None else per_expert(grad_gu)
             grad_down = None if grad_down is None else per_expert(grad_down)
-        return grad_x, grad_gu, grad_down, grad_scale, None
+        return grad_x, None, grad_gu, grad_down, grad_scale, None

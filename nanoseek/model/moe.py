@@ -122,16 +122,17 @@ class Experts(nn.Module):
         if autocast:
             dt = torch.get_autocast_dtype(x.device.type)
             x, w_gu, w_down = x.to(dt), w_gu.to(dt), w_down.to(dt)    # cast the N tokens, not their N*K copies
+        scale = weights.reshape(-1).index_select(0, order).to(x.dtype)                   # (N*K,) routing weights
+        if low and not _use_grouped_mm(x, w_gu, w_down):
+            # bf16 on CPU: batched matmuls over padded blocks gathered straight from x and summed straight back
+            # (bmm ran 1.3-1.5x the loop's GFLOP/s; bench_model bf16 1.32x -> 1.40x transformers; in fp32 it
+            # measured 1.07-1.09x against the loop's 1.15x)
+            return ExpertBatched.apply(x, token, w_gu, w_down, scale, counts.tolist())  # (N,H)
         xs = x.index_select(0, token)                                                    # (N*K,H) grouped by expert
-        scale = weights.reshape(-1).index_select(0, order).to(xs.dtype)                  # (N*K,) routing weights
         if _use_grouped_mm(xs, w_gu, w_down):
             offs = counts.cumsum(0).to(torch.int32)
             gate, up = F.grouped_mm(xs, w_gu.transpose(-2, -1), offs=offs).chunk(2, dim=-1)
             out = F.grouped_mm(F.silu(gate) * up * scale[:, None], w_down.transpose(-2, -1), offs=offs)
-        elif low:
-            # bf16 on CPU: batched matmuls over padded blocks (bmm ran 1.3-1.5x the loop's GFLOP/s; bench_model bf16
-            # 1.32x -> 1.40x transformers; in fp32 it measured 1.07-1.09x against the loop's 1.15x)
-            out = ExpertBatched.apply(xs, w_gu, w_down, scale, counts.tolist())
         else:
             # full precision: loop over experts on their contiguous slices. unbind once: indexing w[e] per expert
             # would make autograd allocate a zero (E,...) gradient per expert (SelectBackward): 150 ms of a 470 ms
