@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.model.expert_ops import ExpertBatched
+from nanoseek.model.expert_ops import ExpertBatched, ExpertLoop
 
 
 class MLP(nn.Module):
@@ -123,25 +123,18 @@ class Experts(nn.Module):
             dt = torch.get_autocast_dtype(x.device.type)
             x, w_gu, w_down = x.to(dt), w_gu.to(dt), w_down.to(dt)    # cast the N tokens, not their N*K copies
         scale = weights.reshape(-1).index_select(0, order).to(x.dtype)                   # (N*K,) routing weights
-        if low and not _use_grouped_mm(x, w_gu, w_down):
-            # bf16 on CPU: batched matmuls over padded blocks gathered straight from x and summed straight back
-            # (bmm ran 1.3-1.5x the loop's GFLOP/s; bench_model bf16 1.32x -> 1.40x transformers; in fp32 it
-            # measured 1.07-1.09x against the loop's 1.15x)
-            return ExpertBatched.apply(x, token, w_gu, w_down, scale, counts.tolist())  # (N,H)
+        if not _use_grouped_mm(x, w_gu, w_down):
+            # bf16 on CPU: batched matmuls over padded blocks (bmm ran 1.3-1.5x the loop's GFLOP/s; bench_model bf16
+            # 1.32x -> 1.40x transformers). Full precision: expert by expert (padding measured 1.07-1.09x against
+            # the loop's 1.15x in fp32). Both gather the tokens and sum the outputs back themselves.
+            op = ExpertBatched if low else ExpertLoop
+            return op.apply(x, token, w_gu, w_down, scale, counts.tolist())             # (N,H)
+        # CUDA bf16: grouped GEMMs over the slots. Each token's K weighted expert outputs are summed back in token
+        # order by an index_add, whose backward is one gather.
         xs = x.index_select(0, token)                                                    # (N*K,H) grouped by expert
-        if _use_grouped_mm(xs, w_gu, w_down):
-            offs = counts.cumsum(0).to(torch.int32)
-            gate, up = F.grouped_mm(xs, w_gu.transpose(-2, -1), offs=offs).chunk(2, dim=-1)
-            out = F.grouped_mm(F.silu(gate) * up * scale[:, None], w_down.transpose(-2, -1), offs=offs)
-        else:
-            # full precision: loop over experts on their contiguous slices. unbind once: indexing w[e] per expert
-            # would make autograd allocate a zero (E,...) gradient per expert (SelectBackward): 150 ms of a 470 ms
-            # step. A hand-written backward writing into preallocated buffers measured no faster (tried twice).
-            sizes = counts.tolist()
-            pieces = zip(w_gu.unbind(0), w_down.unbind(0), xs.split(sizes), scale.split(sizes))
-            out = torch.cat([_swiglu(chunk, gu, down, sc) for gu, down, chunk, sc in pieces if chunk.shape[0]])
-        # each token's K weighted expert outputs summed back in token order: an index_add, whose backward is one
-        # gather (an index_select to (N,K,H) then sum would zero-fill and scatter a (N*K,H) gradient instead)
+        offs = counts.cumsum(0).to(torch.int32)
+        gate, up = F.grouped_mm(xs, w_gu.transpose(-2, -1), offs=offs).chunk(2, dim=-1)
+        out = F.grouped_mm(F.silu(gate) * up * scale[:, None], w_down.transpose(-2, -1), offs=offs)
         return out.new_zeros(N, out.shape[-1]).index_add_(0, token, out)                 # (N,H)
 
     def forward_reference(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
