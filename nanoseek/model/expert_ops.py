@@ -116,7 +116,8 @@ class ExpertBatched(torch.autograd.Function):
 
         The padded blocks are gathered straight from x and summed straight back into (N,H) (no (S,H) copies in
         between): a padding row reads token 0 with routing weight 0, so its output and its gradients into the
-        weights and x are exactly zero."""
+        weights and x are exactly zero (for finite values: a NaN at token 0 reaches every block, where the
+        per-slot path would keep it to token 0's experts; either way the step's gradient norm is NaN)."""
         C, blocks = block_plan(sizes)
         E, S, N = len(sizes), token.shape[0], x.shape[0]
         counts = torch.tensor(sizes, device=x.device)
