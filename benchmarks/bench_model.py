@@ -42,6 +42,8 @@ def main():
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--iters", type=int, default=8)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--precision", choices=["both", "fp32", "bf16"], default="both",
+                   help="which precisions to run (bf16 autocast crawls on CPUs without native bf16 matmuls)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -62,7 +64,8 @@ def main():
     print(f"{'precision':<16}{'nanoseek ms':>12}{'transformers ms':>17}{'speedup':>9}{'peak GF/s':>11}"
           f"{'MFU ours':>10}{'MFU hf':>8}")
     g = torch.Generator().manual_seed(0)
-    for name, dt in [("fp32", None), ("bf16 autocast", torch.bfloat16)]:
+    precisions = [("fp32", None), ("bf16 autocast", torch.bfloat16)]
+    for name, dt in [pr for pr in precisions if args.precision in ("both", pr[0].split()[0])]:
         peak = matmul_peak(dt or torch.float32)
         times = {"ours": [], "hf": []}
         for i in range(args.iters + 2):

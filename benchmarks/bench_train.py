@@ -66,6 +66,8 @@ def main():
     p.add_argument("--steps", type=int, default=8, help="timed steps per side and precision (after 2 warm-up)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--precision", choices=["both", "fp32", "bf16"], default="both",
+                   help="which precisions to run (bf16 autocast crawls on CPUs without hardware bf16 matmuls)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -90,7 +92,8 @@ def main():
           f"attn_implementation={hf.config._attn_implementation}")
     print(f"{'precision':<15}{'nanoseek tok/s':>15}{'transformers tok/s':>19}{'speedup':>9}{'peak GF/s':>11}"
           f"{'MFU ours':>10}{'MFU hf':>8}")
-    for k, (name, precision) in enumerate([("fp32", "fp32"), ("bf16 autocast", "bf16")]):
+    precisions = [("fp32", "fp32"), ("bf16 autocast", "bf16")]
+    for k, (name, precision) in enumerate([p for p in precisions if args.precision in ("both", p[1])]):
         peak = matmul_peak_flops(CPU, torch.bfloat16 if precision == "bf16" else torch.float32, seconds=1.0)
         for side in sides.values():
             side.times.clear()

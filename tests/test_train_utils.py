@@ -230,3 +230,18 @@ def test_tune_allocator_applies_on_glibc():
 
     applied = tune_allocator()
     assert applied == (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
+
+
+def test_precision_auto_and_the_slow_bf16_warning(monkeypatch, capsys):
+    from nanoseek.train import loop
+
+    cpu = torch.device("cpu")
+    assert isinstance(loop.cpu_has_fast_bf16(), bool)
+    assert loop.resolve_precision("auto", cpu) == "fp32"
+    with pytest.raises(ConfigError, match="precision 'fp16'"):
+        loop.resolve_precision("fp16", cpu)
+    for fast, warned in ((True, False), (False, True)):
+        monkeypatch.setattr(loop, "cpu_has_fast_bf16", lambda: fast)
+        assert loop.resolve_precision("bf16", cpu) == "bf16"            # what was asked for is kept
+        out = capsys.readouterr().out
+        assert ("no hardware bf16 matmuls" in out) == warned and out.count("\n") == int(warned)
