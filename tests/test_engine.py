@@ -152,6 +152,21 @@ def test_streaming_deltas_add_up(model):
         assert deltas == f.outputs[0].token_ids
 
 
+def test_bf16_llm_on_a_cpu_without_bf16_hardware_warns_once(monkeypatch, recwarn):
+    import nanoseek.hardware
+
+    model = tiny_model().to(torch.bfloat16)
+    for fast, expected in ((True, 0), (False, 1)):
+        monkeypatch.setattr(nanoseek.hardware, "cpu_has_fast_bf16", lambda: fast)
+        recwarn.clear()
+        nanoseek.LLM(model, max_model_len=32)
+        slow = [w for w in recwarn if "no hardware bf16 matmuls" in str(w.message)]
+        assert len(slow) == expected and (not slow or "dtype='float32'" in str(slow[0].message))
+    recwarn.clear()
+    nanoseek.LLM(tiny_model(), max_model_len=32)                          # fp32 weights: nothing to say
+    assert not [w for w in recwarn if "bf16" in str(w.message)]
+
+
 @torch.no_grad()
 def test_cache_bytes_per_token_and_v3_ratio():
     model = tiny_model().to(torch.bfloat16)

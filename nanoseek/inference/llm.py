@@ -10,6 +10,7 @@ Every prompt is validated before any request is queued, so one bad prompt in a b
 from __future__ import annotations
 
 import itertools
+import warnings
 from pathlib import Path
 from typing import Iterator, Sequence as Seq
 
@@ -34,6 +35,15 @@ def resolve_dtype(dtype) -> torch.dtype:
     return _DTYPES[dtype]
 
 
+def _warn_if_slow_dtype(model) -> None:
+    weight = model.lm_head.weight
+    if weight.device.type == "cpu" and weight.dtype == torch.bfloat16:
+        from nanoseek.hardware import SLOW_BF16, cpu_has_fast_bf16
+
+        if not cpu_has_fast_bf16():
+            warnings.warn(f"{SLOW_BF16}; load with dtype='float32'", stacklevel=3)
+
+
 class LLM:
     def __init__(self, model, tokenizer=None, dtype: str | torch.dtype | None = None, device: str | None = None,
                  **engine_options):
@@ -52,6 +62,7 @@ class LLM:
                 tokenizer = Tokenizer.from_dir(path)
         elif dtype is not None or device is not None:
             model = model.to(dtype=resolve_dtype(dtype) if dtype is not None else None, device=device)
+        _warn_if_slow_dtype(model)
         self.model = model
         self.tokenizer = tokenizer
         self.engine = LLMEngine(model, tokenizer, EngineConfig(**engine_options))

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from nanoseek.errors import ConfigError
+from nanoseek.hardware import SLOW_BF16, cpu_has_fast_bf16
 
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -30,18 +31,6 @@ def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU's matmul libraries run bf16 on hardware support (oneDNN's check: AVX512 with BF16 or the
-    AVX512 core set, AMX, or Arm's BF16 extension). Elsewhere (AVX2-only x86, many laptops) bf16 is emulated: on
-    a 2-core AVX2 EPYC bf16 matmuls measured 1-12 GFLOP/s by shape against 60-110 in fp32, and a bf16 autocast
-    training step of the benchmark model ran 13-20x slower than fp32."""
-    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    if check is not None and torch.backends.mkldnn.is_available():
-        return bool(check())
-    cpu = getattr(torch, "cpu", None)
-    return any(getattr(cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-
-
 def resolve_precision(precision: str, device: torch.device) -> str:
     """'auto' -> bf16 on GPUs with bf16 support, fp32 on CPU (fp32 is the exact-resume and reference setting;
     ask for bf16 explicitly on CPUs with AVX512-BF16/AMX). An explicit bf16 on a CPU without fast bf16 matmuls
@@ -51,8 +40,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "auto":
         return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     if precision == "bf16" and device.type == "cpu" and not cpu_has_fast_bf16():
-        print("warning: this CPU has no hardware bf16 matmuls (AVX512-BF16, AMX or Arm BF16): bf16 autocast "
-              "runs many times slower than fp32 here; use --precision fp32 (or auto)", flush=True)
+        print(f"warning: {SLOW_BF16}; use --precision fp32 (or auto)", flush=True)
     return precision
 
 

@@ -1,0 +1,26 @@
+"""What this machine's CPU runs fast, for defaults and for one-line warnings about slow choices.
+
+bf16 on a CPU without hardware support is the trap here: on a 2-core AVX2-only EPYC, bf16 matmuls measured
+1-12 GFLOP/s by shape against 60-110 in fp32, and a bf16 autocast training step of the benchmark model ran
+13-20x slower than fp32 (benchmarks/RESULTS.md, 2026-12-01).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU's matmul libraries run bf16 on hardware support: oneDNN's own check (AVX512 core or
+    AVX512-BF16, AMX, Arm's BF16 extension), else torch.cpu's AVX512-BF16 / AMX probes."""
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    if check is not None and torch.backends.mkldnn.is_available():
+        return bool(check())
+    cpu = getattr(torch, "cpu", None)
+    return any(getattr(cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
+SLOW_BF16 = ("this CPU has no hardware bf16 matmuls (AVX512-BF16, AMX or Arm BF16): bf16 runs many times slower "
+             "than fp32 here")
