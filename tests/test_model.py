@@ -109,6 +109,57 @@ def test_grouped_experts_gradients_match_reference():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+
+def test_scaled_swiglu_op_matches_autograd():
+    """The activation op of the grouped-GEMM path: silu(gate) * up * scale and both gradients, against autograd
+    through the composite, fp64."""
+    from nanoseek.model.expert_ops import ScaledSwiGLU
+
+    g = torch.Generator().manual_seed(0)
+    gate_up = torch.randn(11, 2 * 6, generator=g, dtype=torch.float64, requires_grad=True)
+    scale = torch.rand(11, generator=g, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(11, 6, generator=g, dtype=torch.float64)
+    gate, up = gate_up.chunk(2, dim=-1)
+    ref = torch.nn.functional.silu(gate) * up * scale[:, None]
+    got = ScaledSwiGLU.apply(gate_up, scale)
+    torch.testing.assert_close(got, ref, atol=1e-12, rtol=0)
+    for a, b in zip(torch.autograd.grad(got, (gate_up, scale), upstream),
+                    torch.autograd.grad(ref, (gate_up, scale), upstream)):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.skipif(not hasattr(torch.nn.functional, "grouped_mm"), reason="this torch has no F.grouped_mm")
+def test_cpu_fp32_experts_take_grouped_mm_and_match_the_loop(monkeypatch):
+    """fp32 on CPU runs the experts as two F.grouped_mm calls (an idle expert included); outputs and every gradient
+    match ExpertLoop's to fp32 rounding. fp64 keeps the loop (grouped_mm takes no fp64)."""
+    import torch.nn.functional as F
+
+    from nanoseek.model import moe
+
+    calls = []
+    grouped_mm = F.grouped_mm
+    monkeypatch.setattr(F, "grouped_mm", lambda *a, **k: calls.append(1) or grouped_mm(*a, **k))
+    cfg = _cfg(n_routed_experts=8, num_experts_per_tok=2)
+    ex = _experts(cfg, seed=4)
+    x = torch.randn(30, cfg.hidden_size, requires_grad=True)
+    idx = torch.stack([torch.tensor([n % 3, 3 + n % 4]) for n in range(30)])      # expert 7 idle
+    w = torch.rand(30, 2, requires_grad=True)
+    proj = torch.randn(30, cfg.hidden_size)
+    params = [x, ex.gate_up_proj, ex.down_proj, w]
+    out = ex(x, idx, w)
+    assert len(calls) == 2
+    grads = torch.autograd.grad((out * proj).sum(), params)
+    monkeypatch.setattr(moe, "_use_grouped_mm", lambda *a: False)                # the ExpertLoop path
+    ref = ex(x, idx, w)
+    ref_grads = torch.autograd.grad((ref * proj).sum(), params)
+    assert len(calls) == 2
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    assert grads[1][7].abs().max() == 0 and grads[2][7].abs().max() == 0        # the idle expert's weights
+    monkeypatch.undo()
+    assert not moe._use_grouped_mm(x.double(), ex.gate_up_proj.double())
+
 def test_v3_gate_hand_computed():
     """4 experts in 2 groups, keep 1 group, top-2. The bias moves selection to group 1, weights use raw scores."""
     cfg = _cfg(n_routed_experts=4, n_group=2, topk_group=1, num_experts_per_tok=2, hidden_size=64,

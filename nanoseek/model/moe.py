@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.model.expert_ops import ExpertBatched, ExpertLoop
+from nanoseek.model.expert_ops import ExpertBatched, ExpertLoop, ScaledSwiGLU
 
 
 class MLP(nn.Module):
@@ -82,11 +82,17 @@ class Gate(nn.Module):
 
 
 def _use_grouped_mm(x: torch.Tensor, *weights: torch.Tensor) -> bool:
-    # torch's grouped GEMM kernels target CUDA (bf16, SM80+) and need 16-byte aligned strides. On CPU a loop over
-    # experts on contiguous slices measured 1.9x faster than F.grouped_mm (16 experts, H=256, I=128, 16K tokens).
-    if not (x.is_cuda and hasattr(F, "grouped_mm")) or x.dtype != torch.bfloat16:
+    """torch's grouped GEMM (`F.grouped_mm`) for CUDA bf16 (SM80+ kernels) and CPU fp32, where torch runs the
+    groups' matmuls from C++. On a 2-core AVX2 EPYC the whole bench_model fp32 training step measured 3-11% faster
+    than ExpertLoop's Python loop (six interleaved A/B runs, torch 2.13 and 2.14; RESULTS.md 2026-12-01). CPU bf16
+    keeps the padded batched matmuls, and fp64 (which grouped_mm does not take) the loop. Strides must be
+    multiples of 16 bytes."""
+    if not hasattr(F, "grouped_mm"):
         return False
-    return all(w.shape[-1] % 8 == 0 and w.shape[-2] % 8 == 0 for w in weights)
+    if not ((x.is_cuda and x.dtype == torch.bfloat16) or (x.device.type == "cpu" and x.dtype == torch.float32)):
+        return False
+    align = 16 // x.element_size()
+    return all(w.shape[-1] % align == 0 and w.shape[-2] % align == 0 for w in weights)
 
 
 def _swiglu(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, scale: torch.Tensor | None = None):
@@ -125,16 +131,17 @@ class Experts(nn.Module):
         scale = weights.reshape(-1).index_select(0, order).to(x.dtype)                   # (N*K,) routing weights
         if not _use_grouped_mm(x, w_gu, w_down):
             # bf16 on CPU: batched matmuls over padded blocks (bmm ran 1.3-1.5x the loop's GFLOP/s; bench_model bf16
-            # 1.32x -> 1.40x transformers). Full precision: expert by expert (padding measured 1.07-1.09x against
-            # the loop's 1.15x in fp32). Both gather the tokens and sum the outputs back themselves.
+            # 1.32x -> 1.40x transformers). fp64, fp32 on CUDA and unaligned shapes: expert by expert (padding
+            # measured 1.07-1.09x against the loop's 1.15x in fp32). Both gather and sum back themselves.
             op = ExpertBatched if low else ExpertLoop
             return op.apply(x, token, w_gu, w_down, scale, counts.tolist())             # (N,H)
-        # CUDA bf16: grouped GEMMs over the slots. Each token's K weighted expert outputs are summed back in token
-        # order by an index_add, whose backward is one gather.
+        # CUDA bf16 and CPU fp32: grouped GEMMs over the slots, SwiGLU and the routing weight as one op between
+        # them. Each token's K weighted expert outputs are summed back in token order by an index_add, whose
+        # backward is one gather.
         xs = x.index_select(0, token)                                                    # (N*K,H) grouped by expert
         offs = counts.cumsum(0).to(torch.int32)
-        gate, up = F.grouped_mm(xs, w_gu.transpose(-2, -1), offs=offs).chunk(2, dim=-1)
-        out = F.grouped_mm(F.silu(gate) * up * scale[:, None], w_down.transpose(-2, -1), offs=offs)
+        gate_up = F.grouped_mm(xs, w_gu.transpose(-2, -1), offs=offs)                    # (N*K,2I)
+        out = F.grouped_mm(ScaledSwiGLU.apply(gate_up, scale), w_down.transpose(-2, -1), offs=offs)
         return out.new_zeros(N, out.shape[-1]).index_add_(0, token, out)                 # (N,H)
 
     def forward_reference(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
