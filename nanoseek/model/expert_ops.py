@@ -50,9 +50,17 @@ class ScaledSwiGLU(torch.autograd.Function):
     def backward(ctx, grad):
         gate_up, scale = ctx.saved_tensors
         I = gate_up.shape[-1] // 2
-        silu = F.silu(gate_up[:, :I])
-        grad_scale = (grad * silu).mul_(gate_up[:, I:]).sum(-1) if ctx.needs_input_grad[1] else None
-        return _swiglu_backward(grad * scale[:, None], gate_up, silu), grad_scale
+        gate, up, sc = gate_up[:, :I], gate_up[:, I:], scale[:, None]
+        silu = F.silu(gate)
+        # both halves are built in place in the one output buffer: fresh multi-MiB buffers page-fault on CPU
+        d_gate_up = torch.empty_like(gate_up)
+        d_gate, d_up = d_gate_up[:, :I], d_gate_up[:, I:]
+        torch.mul(grad, silu, out=d_up)                                                 # d(h)/d(up) * grad
+        grad_scale = (d_up * up).sum(-1) if ctx.needs_input_grad[1] else None           # grad . silu * up
+        d_up.mul_(sc)
+        torch.mul(grad, up, out=d_gate).mul_(sc)
+        torch.ops.aten.silu_backward.grad_input(d_gate, gate, grad_input=d_gate)
+        return d_gate_up, grad_scale
 
 
 class ExpertLoop(torch.autograd.Function):
