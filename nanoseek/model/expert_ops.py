@@ -2,7 +2,8 @@
 token and routing weight (slots sorted by expert) and return the tokens' summed expert outputs, computing what
 `moe._swiglu` per expert computes.
 
-`ExpertLoop` (full precision) runs expert by expert: gather its tokens, two matmuls, scatter-add its outputs back,
+`ExpertLoop` (fp64, fp32 on CUDA, and CPU fp32 where `F.grouped_mm` is missing or the shapes are not 16-byte
+aligned) runs expert by expert: gather its tokens, two matmuls, scatter-add its outputs back,
 with each expert's rows still in cache, and writes every gradient straight into its buffer (autograd over the same
 loop would also cat the slot gradients, stack the per-expert weight gradients and zero-fill per slice: the MoE
 block fp32 38.4 -> 35.7 ms fwd+bwd, A/B in one process).
@@ -14,8 +15,10 @@ measured 1.3-1.5x the GFLOP/s of a per-expert loop in bf16 (16 experts x 256 row
 padding and repeated weights cost more than that gains.
 
 `ScaledSwiGLU` is the activation between the two grouped GEMMs of the `F.grouped_mm` path (CUDA bf16, CPU fp32):
-silu(gate) * up * scale over all slots as one op, its gradient into one (S, 2I) buffer (autograd over chunk, silu
-and two multiplies would save more and cat the halves in backward).
+silu(gate) * up * scale over all slots as one op that saves only its inputs, its gradient built in place in one
+(S, 2I) buffer (autograd over chunk, silu and two multiplies saves two more (S, I) tensors and cats the halves in
+backward). Same speed as that composite in a whole-step A/B; the in-place backward, 2-3% faster than one with
+fresh temporaries.
 
 Shapes: N tokens, S slots sorted by expert, H hidden, I expert width, E experts, M blocks of C rows.
 """
