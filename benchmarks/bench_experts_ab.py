@@ -59,7 +59,7 @@ def main():
     for i in range(args.steps + 2):
         ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=g)
         losses = {}
-        for side in sides if i % 2 else sides[::-1]:
+        for side in sides[i % len(sides):] + sides[:i % len(sides)]:   # each side in each position in turn
             if side != "transformers":
                 use_path(side)
             t, losses[side] = step(hf if side == "transformers" else ours, ids)
