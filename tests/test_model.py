@@ -335,3 +335,20 @@ def test_rmsnorm_training_op_matches_the_composite(wants):
     torch.testing.assert_close(got_y.detach(), plain, atol=1e-12, rtol=0)
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
+def test_compiled_cpu_fp32_experts_trace_and_match_eager():
+    """Under torch.compile the CPU fp32 experts leave F.grouped_mm (whose meta kernel takes bf16/fp16 only in
+    torch 2.14, so tracing it failed) and still match eager, gradients included."""
+    cfg = _cfg(n_routed_experts=8, num_experts_per_tok=2)
+    ex = _experts(cfg, seed=5)
+    x = torch.randn(24, cfg.hidden_size, requires_grad=True)
+    idx = torch.stack([torch.randperm(8)[:2] for _ in range(24)])
+    w = torch.rand(24, 2)
+    eager = ex(x, idx, w)
+    (g_eager,) = torch.autograd.grad(eager.square().sum(), [x])
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda v: ex(v, idx, w))(x)
+    (g_compiled,) = torch.autograd.grad(compiled.square().sum(), [x])
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(g_compiled, g_eager, atol=1e-5, rtol=1e-5)

@@ -85,12 +85,14 @@ def _use_grouped_mm(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     """torch's grouped GEMM (`F.grouped_mm`) for CUDA bf16 (SM80+ kernels) and CPU fp32, where torch runs the
     groups' matmuls from C++. On a 2-core AVX2 EPYC the whole bench_model fp32 training step measured 3-11% faster
     than ExpertLoop's Python loop (six interleaved A/B runs, torch 2.13 and 2.14; RESULTS.md 2026-12-01). CPU bf16
-    keeps the padded batched matmuls, and fp64 (which grouped_mm does not take) the loop. Strides must be
-    multiples of 16 bytes."""
+    keeps the padded batched matmuls, and fp64 (which grouped_mm does not take) and compiled CPU code the loop.
+    Strides must be multiples of 16 bytes."""
     if not hasattr(F, "grouped_mm"):
         return False
     if not ((x.is_cuda and x.dtype == torch.bfloat16) or (x.device.type == "cpu" and x.dtype == torch.float32)):
         return False
+    if not x.is_cuda and torch.compiler.is_compiling():
+        return False        # torch 2.14's meta kernel for grouped_mm takes bf16/fp16 only: fp32 fails to trace
     align = 16 // x.element_size()
     return all(w.shape[-1] % align == 0 and w.shape[-2] % align == 0 for w in weights)
 
