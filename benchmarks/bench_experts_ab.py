@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
 import nanoseek
 from nanoseek.model import expert_ops, moe
 
-from common import bench_config, hf_twin, next_token_loss  # noqa: E402  (benchmarks/ holds scripts)
+from bench_model import step  # noqa: E402  (benchmarks/ holds scripts)
+from common import bench_config, hf_twin  # noqa: E402
 
 _default_use_grouped = moe._use_grouped_mm
 
@@ -29,14 +29,6 @@ def use_path(name: str) -> None:
     """Route CPU fp32 experts through `name` (module-level switch: each step reads it afresh)."""
     moe._use_grouped_mm = _default_use_grouped if name == "grouped" else (lambda *a: False)
     moe.ExpertLoop = expert_ops.ExpertBatched if name == "batched" else expert_ops.ExpertLoop
-
-
-def step(model, ids) -> tuple[float, float]:
-    t = time.perf_counter()
-    loss = next_token_loss(model, ids[:, :-1], ids[:, 1:])
-    loss.backward()
-    model.zero_grad(set_to_none=True)
-    return time.perf_counter() - t, loss.item()
 
 
 def main():
@@ -62,7 +54,7 @@ def main():
         for side in sides[i % len(sides):] + sides[:i % len(sides)]:   # each side in each position in turn
             if side != "transformers":
                 use_path(side)
-            t, losses[side] = step(hf if side == "transformers" else ours, ids)
+            t, losses[side] = step(hf if side == "transformers" else ours, ids, None)   # fp32
             if i >= 2:
                 times[side].append(t)
         if max(losses.values()) - min(losses.values()) > 1e-4 * abs(losses["transformers"]):

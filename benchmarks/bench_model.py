@@ -21,7 +21,8 @@ import torch
 import nanoseek
 from nanoseek.accounting import count_params
 
-from common import bench_config, hf_twin, matmul_peak, next_token_loss  # noqa: E402  (benchmarks/ holds scripts)
+from common import (add_precision_argument, bench_config, hf_twin, matmul_peak,  # noqa: E402  (scripts)
+                    next_token_loss)
 
 
 def step(model, ids, autocast_dtype) -> tuple[float, float]:
@@ -42,8 +43,7 @@ def main():
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--iters", type=int, default=8)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--precision", choices=["both", "fp32", "bf16"], default="both",
-                   help="which precisions to run (bf16 autocast crawls on CPUs without native bf16 matmuls)")
+    add_precision_argument(p)
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -28,7 +28,7 @@ from nanoseek.train.balance import LoadBalancer
 from nanoseek.train.loop import autocast, matmul_peak_flops
 from nanoseek.train.optim import build_optimizer, clip_grad_norm
 
-from common import bench_config, hf_twin, next_token_loss  # noqa: E402  (benchmarks/ holds scripts)
+from common import add_precision_argument, bench_config, hf_twin, next_token_loss  # noqa: E402  (scripts)
 
 CPU = torch.device("cpu")
 
@@ -66,8 +66,7 @@ def main():
     p.add_argument("--steps", type=int, default=8, help="timed steps per side and precision (after 2 warm-up)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--precision", choices=["both", "fp32", "bf16"], default="both",
-                   help="which precisions to run (bf16 autocast crawls on CPUs without hardware bf16 matmuls)")
+    add_precision_argument(p)
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -53,3 +53,9 @@ def next_token_loss(model, inputs: torch.Tensor, targets: torch.Tensor, mask: to
         hidden = model(inputs, compute_logits=False).hidden                                  # (B,T,H)
         return cross_entropy(hidden, targets, mask, head_weight=model.lm_head.weight)
     return cross_entropy(model(inputs).logits, targets, mask)                                # (B,T,V) logits
+
+
+def add_precision_argument(parser) -> None:
+    """--precision both|fp32|bf16, shared by bench_model and bench_train."""
+    parser.add_argument("--precision", choices=["both", "fp32", "bf16"], default="both",
+                        help="which precisions to run (bf16 autocast crawls on CPUs without hardware bf16 matmuls)")
