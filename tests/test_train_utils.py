@@ -245,3 +245,5 @@ def test_precision_auto_and_the_slow_bf16_warning(monkeypatch, capsys):
         assert loop.resolve_precision("bf16", cpu) == "bf16"            # what was asked for is kept
         out = capsys.readouterr().out
         assert ("no hardware bf16 matmuls" in out) == warned and out.count("\n") == int(warned)
+        assert loop.resolve_precision("bf16", cpu, warn=False) == "bf16"  # ranks other than 0 stay quiet
+        assert capsys.readouterr().out == ""

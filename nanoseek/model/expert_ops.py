@@ -14,11 +14,12 @@ padded, and runs them as batched matmuls. CPU bmm splits the batch across cores 
 measured 1.3-1.5x the GFLOP/s of a per-expert loop in bf16 (16 experts x 256 rows, H 256, I 128); in fp32 the
 padding and repeated weights cost more than that gains.
 
-`ScaledSwiGLU` is the activation between the two grouped GEMMs of the `F.grouped_mm` path (CUDA bf16, CPU fp32):
-silu(gate) * up * scale over all slots as one op that saves only its inputs, its gradient built in place in one
-(S, 2I) buffer (autograd over chunk, silu and two multiplies saves two more (S, I) tensors and cats the halves in
-backward). Same speed as that composite in a whole-step A/B; the in-place backward, 2-3% faster than one with
-fresh temporaries.
+`ExpertGrouped` (CUDA bf16, CPU fp32 where `F.grouped_mm` exists) gathers the slots and runs two grouped GEMMs
+with `scaled_swiglu` (silu(gate) * up * routing weight) between them. It saves only the tokens and gate_up and
+recomputes the gathered slots and the activation in backward: autograd over the same calls kept four (S, H)-sized
+tensors per MoE layer alive until backward (the slots, the activation, and the expert outputs, which index_add's
+backward holds only for their shape). On CPU every freshly allocated multi-MiB buffer page-faults, so saved
+memory is time here as well as memory.
 
 Shapes: N tokens, S slots sorted by expert, H hidden, I expert width, E experts, M blocks of C rows.
 """
@@ -40,30 +41,58 @@ def _swiglu_backward(d_h, gate_up, silu):
     return d_gate_up
 
 
-class ScaledSwiGLU(torch.autograd.Function):
+def scaled_swiglu(gate_up: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """gate_up (S, 2I) = [gate | up], scale (S,) -> silu(gate) * up * scale (S, I), in one fresh buffer."""
+    I = gate_up.shape[-1] // 2
+    return F.silu(gate_up[:, :I]).mul_(gate_up[:, I:]).mul_(scale[:, None])
+
+
+def scaled_swiglu_backward(grad, gate_up, scale, want_scale: bool):
+    """grad (S, I) of scaled_swiglu's output -> (d gate_up (S, 2I), d scale (S,) or None). Both halves are built
+    in place in the one output buffer: fresh multi-MiB buffers page-fault on CPU (a backward with fresh
+    temporaries made the whole step 2-3% slower, A/B)."""
+    I = gate_up.shape[-1] // 2
+    gate, up, sc = gate_up[:, :I], gate_up[:, I:], scale[:, None]
+    silu = F.silu(gate)
+    d_gate_up = torch.empty_like(gate_up)
+    d_gate, d_up = d_gate_up[:, :I], d_gate_up[:, I:]
+    torch.mul(grad, silu, out=d_up)                                                 # d(h)/d(up) * grad
+    grad_scale = (d_up * up).sum(-1) if want_scale else None                        # grad . silu * up
+    d_up.mul_(sc)
+    torch.mul(grad, up, out=d_gate).mul_(sc)
+    torch.ops.aten.silu_backward.grad_input(d_gate, gate, grad_input=d_gate)
+    return d_gate_up, grad_scale
+
+
+class ExpertGrouped(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, gate_up, scale):
-        """gate_up (S, 2I) = [gate | up], scale (S,) -> silu(gate) * up * scale (S, I)."""
-        I = gate_up.shape[-1] // 2
-        ctx.save_for_backward(gate_up, scale)
-        return F.silu(gate_up[:, :I]).mul_(gate_up[:, I:]).mul_(scale[:, None])
+    def forward(ctx, x, token, w_gate_up, w_down, scale, offs):
+        """x (N,H) tokens, token (S,) the source token of each slot (slots sorted by expert), w_gate_up (E,2I,H),
+        w_down (E,H,I), scale (S,) routing weights, offs (E,) int32 cumulative slot counts -> (N,H), as
+        ExpertLoop. Two `F.grouped_mm` calls with scaled_swiglu between them; only gate_up is saved."""
+        xs = x.index_select(0, token)                                                  # (S,H) grouped by expert
+        gate_up = F.grouped_mm(xs, w_gate_up.transpose(-2, -1), offs=offs)             # (S,2I)
+        out = F.grouped_mm(scaled_swiglu(gate_up, scale), w_down.transpose(-2, -1), offs=offs)   # (S,H)
+        ctx.save_for_backward(x, token, w_gate_up, w_down, scale, offs, gate_up)
+        return out.new_zeros(x.shape).index_add_(0, token, out)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad):
-        gate_up, scale = ctx.saved_tensors
-        I = gate_up.shape[-1] // 2
-        gate, up, sc = gate_up[:, :I], gate_up[:, I:], scale[:, None]
-        silu = F.silu(gate)
-        # both halves are built in place in the one output buffer: fresh multi-MiB buffers page-fault on CPU
-        d_gate_up = torch.empty_like(gate_up)
-        d_gate, d_up = d_gate_up[:, :I], d_gate_up[:, I:]
-        torch.mul(grad, silu, out=d_up)                                                 # d(h)/d(up) * grad
-        grad_scale = (d_up * up).sum(-1) if ctx.needs_input_grad[1] else None           # grad . silu * up
-        d_up.mul_(sc)
-        torch.mul(grad, up, out=d_gate).mul_(sc)
-        torch.ops.aten.silu_backward.grad_input(d_gate, gate, grad_input=d_gate)
-        return d_gate_up, grad_scale
+    def backward(ctx, grad_out):
+        x, token, w_gate_up, w_down, scale, offs, gate_up = ctx.saved_tensors
+        want_x, _, want_gu, want_down, want_scale = ctx.needs_input_grad[:5]
+        go = grad_out.index_select(0, token)                                           # (S,H)
+        # the weight gradients as torch's own grouped_mm backward computes them: (2D)^T x 2D with groups along K
+        grad_down = F.grouped_mm(go.t(), scaled_swiglu(gate_up, scale), offs=offs) if want_down else None  # (E,H,I)
+        d_h = F.grouped_mm(go, w_down, offs=offs)                                      # d(h * scale) (S,I)
+        del go
+        d_gate_up, grad_scale = scaled_swiglu_backward(d_h, gate_up, scale, want_scale)   # (S,2I), (S,)
+        del d_h
+        grad_gu = F.grouped_mm(d_gate_up.t(), x.index_select(0, token), offs=offs) if want_gu else None  # (E,2I,H)
+        grad_x = None
+        if want_x:
+            grad_x = torch.zeros_like(x).index_add_(0, token, F.grouped_mm(d_gate_up, w_gate_up, offs=offs))
+        return grad_x, None, grad_gu, grad_down, grad_scale, None
 
 
 class ExpertLoop(torch.autograd.Function):

@@ -154,7 +154,7 @@ def grpo(cfg: GRPOConfig, reward_fns: dict | None = None) -> dict:
                           f"{' (--compile-rollouts compiles the rollout engine)' if cfg.compile else ''}")
     run_dir = Path(cfg.out)
     resume_from = R.find_resume_point(run_dir, cfg.resume)
-    precision = resolve_precision(cfg.precision, dist.device)
+    precision = resolve_precision(cfg.precision, dist.device, warn=dist.is_main)
     seed_all(cfg.seed)
     tune_allocator()                    # keep freed activation blocks in the process (glibc; see loop.py)
     terms = parse_reward_spec(reward_fns if reward_fns is not None else cfg.reward)

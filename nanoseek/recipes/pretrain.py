@@ -118,7 +118,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     cfg.micro_batch_size = micro          # saved resolved: a resume keeps the same data streams
     files = expand_paths(cfg.data) if cfg.data else None                      # DataError on a missing path
     resume_from = R.find_resume_point(run_dir, cfg.resume)
-    precision = resolve_precision(cfg.precision, dist.device)
+    precision = resolve_precision(cfg.precision, dist.device, warn=dist.is_main)
     seed_all(cfg.seed)
     tune_allocator()                    # keep freed activation blocks in the process (glibc; see loop.py)
 

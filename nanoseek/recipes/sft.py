@@ -107,7 +107,7 @@ def sft(cfg: SFTConfig, teacher=None, kd_weight: float = 0.0, kd_temperature: fl
     cfg.micro_batch_size = micro
     accum = cfg.batch_size // (dist.world_size * micro)
     resume_from = R.find_resume_point(run_dir, cfg.resume)
-    precision = resolve_precision(cfg.precision, dist.device)
+    precision = resolve_precision(cfg.precision, dist.device, warn=dist.is_main)
     seed_all(cfg.seed)
     tune_allocator()                    # keep freed activation blocks in the process (glibc; see loop.py)
     model, tokenizer = load_policy(cfg, dist.device)

@@ -31,15 +31,16 @@ def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
+def resolve_precision(precision: str, device: torch.device, warn: bool = True) -> str:
     """'auto' -> bf16 on GPUs with bf16 support, fp32 on CPU (fp32 is the exact-resume and reference setting;
     ask for bf16 explicitly on CPUs with AVX512-BF16/AMX). An explicit bf16 on a CPU without fast bf16 matmuls
-    is kept (the user asked) but said to be slow, in one line."""
+    is kept (the user asked) but said to be slow, in one line when `warn` (rank 0 under torchrun, so the line
+    is printed once, not once per process)."""
     if precision not in PRECISIONS:
         raise ConfigError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     if precision == "auto":
         return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    if precision == "bf16" and device.type == "cpu" and not cpu_has_fast_bf16():
+    if warn and precision == "bf16" and device.type == "cpu" and not cpu_has_fast_bf16():
         print(f"warning: {SLOW_BF16}; use --precision fp32 (or auto)", flush=True)
     return precision
 
