@@ -84,8 +84,10 @@ class Gate(nn.Module):
 def _use_grouped_mm(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     """torch's grouped GEMM (`F.grouped_mm`) for CUDA bf16 (SM80+ kernels) and CPU fp32, where torch runs the
     groups' matmuls from C++. On a 2-core AVX2 EPYC the whole bench_model fp32 training step measured 3-11% faster
-    than ExpertLoop's Python loop (six interleaved A/B runs, torch 2.13 and 2.14; RESULTS.md 2026-12-01). CPU bf16
-    keeps the padded batched matmuls, and fp64 (which grouped_mm does not take) and compiled CPU code the loop.
+    than ExpertLoop's Python loop (six interleaved A/B runs, torch 2.13 and 2.14; RESULTS.md 2026-12-01), and 6%
+    on a 2-core AVX512-BF16 EPYC (546.5 vs 582.6 ms). CPU bf16 keeps the padded batched matmuls (on that machine
+    the bf16 step took 510.9 ms with them, 681.1 with grouped_mm), and fp64 (which grouped_mm does not take) and
+    compiled CPU code the loop.
     Strides must be multiples of 16 bytes."""
     if not hasattr(F, "grouped_mm"):
         return False
