@@ -1,5 +1,5 @@
-"""Routed experts as single autograd ops with hand-written backwards: both take the tokens, each slot's source
-token and routing weight (slots sorted by expert) and return the tokens' summed expert outputs, computing what
+"""Routed experts as single autograd ops with hand-written backwards: each takes the tokens, each slot's source
+token and routing weight (slots sorted by expert) and returns the tokens' summed expert outputs, computing what
 `moe._swiglu` per expert computes.
 
 `ExpertLoop` (fp64, fp32 on CUDA, and CPU fp32 where `F.grouped_mm` is missing or the shapes are not 16-byte
@@ -15,11 +15,11 @@ measured 1.3-1.5x the GFLOP/s of a per-expert loop in bf16 (16 experts x 256 row
 padding and repeated weights cost more than that gains.
 
 `ExpertGrouped` (CUDA bf16, CPU fp32 where `F.grouped_mm` exists) gathers the slots and runs two grouped GEMMs
-with `scaled_swiglu` (silu(gate) * up * routing weight) between them. It saves only the tokens and gate_up and
-recomputes the gathered slots and the activation in backward: autograd over the same calls kept four (S, H)-sized
-tensors per MoE layer alive until backward (the slots, the activation, and the expert outputs, which index_add's
-backward holds only for their shape). On CPU every freshly allocated multi-MiB buffer page-faults, so saved
-memory is time here as well as memory.
+with `scaled_swiglu` (silu(gate) * up * routing weight) between them, as one op: autograd over the same calls
+also kept every MoE layer's (S, H) expert outputs alive until backward (index_add holds its source for the
+source's shape alone), 28 of the 209 MB saved for backward in a bench_model step. Recomputing the gathered slots
+and the activation in backward instead of saving them (139 MB) measured within noise of saving them in whole-step
+A/Bs (-4% to +5%, five runs): they are saved.
 
 Shapes: N tokens, S slots sorted by expert, H hidden, I expert width, E experts, M blocks of C rows.
 """
@@ -69,29 +69,32 @@ class ExpertGrouped(torch.autograd.Function):
     def forward(ctx, x, token, w_gate_up, w_down, scale, offs):
         """x (N,H) tokens, token (S,) the source token of each slot (slots sorted by expert), w_gate_up (E,2I,H),
         w_down (E,H,I), scale (S,) routing weights, offs (E,) int32 cumulative slot counts -> (N,H), as
-        ExpertLoop. Two `F.grouped_mm` calls with scaled_swiglu between them; only gate_up is saved."""
+        ExpertLoop. Two `F.grouped_mm` calls with scaled_swiglu between them."""
         xs = x.index_select(0, token)                                                  # (S,H) grouped by expert
         gate_up = F.grouped_mm(xs, w_gate_up.transpose(-2, -1), offs=offs)             # (S,2I)
-        out = F.grouped_mm(scaled_swiglu(gate_up, scale), w_down.transpose(-2, -1), offs=offs)   # (S,H)
-        ctx.save_for_backward(x, token, w_gate_up, w_down, scale, offs, gate_up)
+        h = scaled_swiglu(gate_up, scale)                                              # (S,I)
+        out = F.grouped_mm(h, w_down.transpose(-2, -1), offs=offs)                     # (S,H)
+        ctx.save_for_backward(xs, token, w_gate_up, w_down, scale, offs, gate_up, h)
+        ctx.num_tokens = x.shape[0]
         return out.new_zeros(x.shape).index_add_(0, token, out)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        x, token, w_gate_up, w_down, scale, offs, gate_up = ctx.saved_tensors
+        xs, token, w_gate_up, w_down, scale, offs, gate_up, h = ctx.saved_tensors
         want_x, _, want_gu, want_down, want_scale = ctx.needs_input_grad[:5]
         go = grad_out.index_select(0, token)                                           # (S,H)
         # the weight gradients as torch's own grouped_mm backward computes them: (2D)^T x 2D with groups along K
-        grad_down = F.grouped_mm(go.t(), scaled_swiglu(gate_up, scale), offs=offs) if want_down else None  # (E,H,I)
-        d_h = F.grouped_mm(go, w_down, offs=offs)                                      # d(h * scale) (S,I)
+        grad_down = F.grouped_mm(go.t(), h, offs=offs) if want_down else None          # (E,H,I)
+        d_h = F.grouped_mm(go, w_down, offs=offs)                                      # d(h) (S,I)
         del go
         d_gate_up, grad_scale = scaled_swiglu_backward(d_h, gate_up, scale, want_scale)   # (S,2I), (S,)
         del d_h
-        grad_gu = F.grouped_mm(d_gate_up.t(), x.index_select(0, token), offs=offs) if want_gu else None  # (E,2I,H)
+        grad_gu = F.grouped_mm(d_gate_up.t(), xs, offs=offs) if want_gu else None      # (E,2I,H)
         grad_x = None
         if want_x:
-            grad_x = torch.zeros_like(x).index_add_(0, token, F.grouped_mm(d_gate_up, w_gate_up, offs=offs))
+            grad_x = xs.new_zeros(ctx.num_tokens, xs.shape[1]).index_add_(
+                0, token, F.grouped_mm(d_gate_up, w_gate_up, offs=offs))               # (N,H)
         return grad_x, None, grad_gu, grad_down, grad_scale, None
 
 
