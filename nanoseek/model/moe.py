@@ -118,10 +118,10 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(E, H, I))
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x (N,H), indices/weights (N,K) -> (N,H). Token slots are sorted by expert and run as grouped
-        (CUDA), padded-batched or per-expert matmuls on contiguous slices (model.expert_ops): never a Python
-        loop over tokens. The routing weight scales each slot's (I,) activation before the down projection."""
-        N, K = indices.shape
+        """x (N,H), indices/weights (N,K) -> (N,H). Token slots are sorted by expert and run as grouped (CUDA
+        bf16, CPU fp32), padded-batched or per-expert matmuls on contiguous slices (model.expert_ops): never a
+        Python loop over tokens. The routing weight scales each slot's (I,) activation before the down projection."""
+        K = indices.shape[1]
         flat = indices.reshape(-1)                                                       # (N*K,)
         order = flat.argsort(stable=True)                                                # slots grouped by expert
         token = order // K                                                               # source token per slot
