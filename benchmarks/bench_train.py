@@ -6,8 +6,9 @@ Each side runs full optimizer steps on the same packed batches of the generated 
 into the same CE), backward, gradient clipping at 1.0, AdamW (0.9, 0.95, wd 0.1 on matrices). nanoseek's step
 also does its aux-loss-free bias update and sequence-wise balance loss (the pretrain recipe's step), which
 transformers' model does not have: the comparison charges nanoseek for extra work. Steps alternate between the
-sides so machine noise hits both alike; the script prints the median tokens/s, the ratio, and each side's MFU
-against the matmul peak of that precision measured in the same run (MTP off: transformers has no MTP).
+sides so machine noise hits both alike; the script prints the median tokens/s, the ratio, the quartiles of the
+per-step ratios (the noise within the run), and each side's MFU against the matmul peak of that precision measured
+in the same run (MTP off: transformers has no MTP).
 
     python benchmarks/bench_train.py                  # ~18M-param MoE (hidden 256, 8 layers, 16 experts top-4)
     python benchmarks/bench_train.py --batch 8 --seq 256 --steps 10
@@ -28,7 +29,8 @@ from nanoseek.train.balance import LoadBalancer
 from nanoseek.train.loop import autocast, matmul_peak_flops
 from nanoseek.train.optim import build_optimizer, clip_grad_norm
 
-from common import add_precision_argument, bench_config, hf_twin, next_token_loss  # noqa: E402  (scripts)
+from common import (add_precision_argument, bench_config, hf_twin, next_token_loss,  # noqa: E402  (scripts)
+                    pair_ratio_range)
 
 CPU = torch.device("cpu")
 
@@ -89,7 +91,8 @@ def main():
           f"training token, batch {args.batch} x {args.seq}, AdamW + clip, torch {torch.__version__}, transformers "
           f"{transformers.__version__}, {torch.get_num_threads()} threads, "
           f"attn_implementation={hf.config._attn_implementation}")
-    print(f"{'precision':<15}{'nanoseek tok/s':>15}{'transformers tok/s':>19}{'speedup':>9}{'peak GF/s':>11}"
+    print(f"{'precision':<15}{'nanoseek tok/s':>15}{'transformers tok/s':>19}{'speedup':>9}{'step IQR':>11}"
+          f"{'peak GF/s':>11}"
           f"{'MFU ours':>10}{'MFU hf':>8}")
     precisions = [("fp32", "fp32"), ("bf16 autocast", "bf16")]
     for k, (name, precision) in enumerate([p for p in precisions if args.precision in ("both", p[1])]):
@@ -102,7 +105,8 @@ def main():
                 sides[s].step(batch, precision)
         tps = {s: tokens / statistics.median(side.times[2:]) for s, side in sides.items()}   # 2 warm-up steps
         mfu = {s: v * fpt / peak for s, v in tps.items()}
-        print(f"{name:<15}{tps['ours']:>15,.0f}{tps['hf']:>19,.0f}{tps['ours'] / tps['hf']:>8.2f}x"
+        spread = pair_ratio_range(sides["ours"].times[2:], sides["hf"].times[2:])
+        print(f"{name:<15}{tps['ours']:>15,.0f}{tps['hf']:>19,.0f}{tps['ours'] / tps['hf']:>8.2f}x{spread:>11}"
               f"{peak / 1e9:>11.0f}{mfu['ours']:>10.1%}{mfu['hf']:>8.1%}")
     first = {s: side.losses[0] for s, side in sides.items()}
     print(f"first-step loss (same weights and batch): nanoseek {first['ours']:.5f} (CE + balance loss), "

@@ -3,6 +3,7 @@ transformers twin of that config whose weights reach nanoseek through the real c
 from __future__ import annotations
 
 import contextlib
+import statistics
 import tempfile
 import time
 
@@ -53,6 +54,13 @@ def next_token_loss(model, inputs: torch.Tensor, targets: torch.Tensor, mask: to
         hidden = model(inputs, compute_logits=False).hidden                                  # (B,T,H)
         return cross_entropy(hidden, targets, mask, head_weight=model.lm_head.weight)
     return cross_entropy(model(inputs).logits, targets, mask)                                # (B,T,V) logits
+
+
+def pair_ratio_range(ours: list[float], theirs: list[float]) -> str:
+    """The quartiles of the per-step ratios theirs[i] / ours[i] (both sides timed on the same batch, back to back),
+    as "lo-hi": how far the shared machine's noise moves the ratio within one run."""
+    q = statistics.quantiles([t / o for o, t in zip(ours, theirs)], n=4)
+    return f"{q[0]:.2f}-{q[2]:.2f}"
 
 
 def add_precision_argument(parser) -> None:
