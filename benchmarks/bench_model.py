@@ -22,9 +22,10 @@ import torch
 
 import nanoseek
 from nanoseek.accounting import count_params
+from nanoseek.train.loop import matmul_peak_flops
 
-from common import (add_precision_argument, bench_config, hf_twin, matmul_peak,  # noqa: E402  (scripts)
-                    next_token_loss, pair_ratio_range)
+from common import (add_precision_argument, bench_config, hf_twin, next_token_loss,  # noqa: E402  (scripts)
+                    pair_ratio_range)
 
 
 def step(model, ids, autocast_dtype) -> tuple[float, float]:
@@ -68,7 +69,7 @@ def main():
     g = torch.Generator().manual_seed(0)
     precisions = [("fp32", None), ("bf16 autocast", torch.bfloat16)]
     for name, dt in [pr for pr in precisions if args.precision in ("both", pr[0].split()[0])]:
-        peak = matmul_peak(dt or torch.float32)
+        peak = matmul_peak_flops(torch.device("cpu"), dt or torch.float32, seconds=1.0) / 1e9
         times = {"ours": [], "hf": []}
         for i in range(args.iters + 2):
             ids = torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=g)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import statistics
 import tempfile
-import time
 
 import torch
 
@@ -18,17 +17,6 @@ def bench_config(vocab: int = 8192) -> nanoseek.ModelConfig:
         "small", vocab_size=vocab, hidden_size=256, num_hidden_layers=8, first_k_dense_replace=1,
         n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2, kv_lora_rank=64, q_lora_rank=128,
         num_nextn_predict_layers=0)
-
-
-def matmul_peak(dtype: torch.dtype, n: int = 1024, iters: int = 20) -> float:
-    """Sustained GFLOP/s of a square matmul at `dtype`: the machine's practical peak for MFU."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    t = time.perf_counter()
-    for _ in range(iters):
-        a @ b
-    return 2 * n ** 3 * iters / (time.perf_counter() - t) / 1e9
 
 
 @contextlib.contextmanager

@@ -247,3 +247,17 @@ def test_precision_auto_and_the_slow_bf16_warning(monkeypatch, capsys):
         assert ("no hardware bf16 matmuls" in out) == warned and out.count("\n") == int(warned)
         assert loop.resolve_precision("bf16", cpu, warn=False) == "bf16"  # ranks other than 0 stay quiet
         assert capsys.readouterr().out == ""
+
+
+def test_matmul_peak_takes_the_faster_cpu_kernel(monkeypatch):
+    """fp32 on CPU times torch's matmul and, where this build has it, oneDNN's, and reports the faster; both
+    compute an n x n x n product (oneDNN's op is a @ b^T), so the FLOP count is the same."""
+    from nanoseek.train import linear_ce, loop
+
+    rates = iter([1e9, 3e9])
+    monkeypatch.setattr(loop, "_sustained_flops", lambda kernel, flops, device, seconds: (kernel(), next(rates))[1])
+    peak = loop.matmul_peak_flops(torch.device("cpu"), torch.float32, seconds=0.01)
+    a = torch.ones(2, 2)
+    assert peak == (3e9 if linear_ce._onednn_fp32(a, a) else 1e9)
+    monkeypatch.undo()
+    assert 1e6 < loop.matmul_peak_flops(torch.device("cpu"), torch.float64, seconds=0.01) < 1e14   # one kernel
