@@ -22,5 +22,18 @@ def cpu_has_fast_bf16() -> bool:
     return any(getattr(cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
 
+def fast_autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype nanoseek's own ops (the routed experts, the fused head + loss) compute in under autocast, or None
+    for their inputs' dtype: autocast's dtype where this device runs it fast. On a CPU without hardware bf16 they
+    stay fp32, as transformers' experts do under autocast: more exact, and there many times faster (bf16 matmuls
+    ran 1-12 GFLOP/s against 60-110 in fp32). nn.Linear layers still follow autocast."""
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    dtype = torch.get_autocast_dtype(device_type)
+    if device_type == "cpu" and not (dtype == torch.bfloat16 and cpu_has_fast_bf16()):
+        return None
+    return dtype
+
+
 SLOW_BF16 = ("this CPU has no hardware bf16 matmuls (AVX512-BF16, AMX or Arm BF16): bf16 runs many times slower "
              "than fp32 here")

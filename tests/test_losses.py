@@ -59,6 +59,25 @@ def test_fused_head_cross_entropy_matches_logits_path(chunk):
         linear_ce.CHUNK_ROWS, linear_ce.CHUNK_ELEMENTS = old
 
 
+def test_fused_head_stays_fp32_under_autocast_without_hardware_bf16(monkeypatch):
+    """On a CPU without hardware bf16 the fused head ignores bf16 autocast (emulated bf16 matmuls run 1-12
+    GFLOP/s): the loss and both gradients are bitwise the fp32 ones."""
+    from nanoseek import hardware
+    from nanoseek.train.linear_ce import linear_cross_entropy
+
+    monkeypatch.setattr(hardware, "cpu_has_fast_bf16", lambda: False)
+    g = torch.Generator().manual_seed(2)
+    hidden = torch.randn(30, 16, generator=g, requires_grad=True)
+    head = torch.randn(50, 16, generator=g, requires_grad=True)
+    targets, rows = torch.randint(0, 50, (30,), generator=g), torch.rand(30, generator=g)
+    ref = linear_cross_entropy(hidden, head, targets, rows)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = linear_cross_entropy(hidden, head, targets, rows)
+    assert torch.equal(got, ref)
+    for a, b in zip(torch.autograd.grad(got, [hidden, head]), torch.autograd.grad(ref, [hidden, head])):
+        assert torch.equal(a, b)
+
+
 def test_fused_head_passes_gradcheck_in_float64():
     """Finite differences against the hand-built gradients, over several chunks and with row weights; gradcheck
     runs backward repeatedly on one graph, so saved gradients must not be scaled in place."""

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import nanoseek
+from nanoseek import hardware
 from nanoseek.model import build_model
 from nanoseek.model.moe import Experts, Gate
 from nanoseek.model.rope import rope_inv_freq
@@ -94,8 +95,10 @@ def test_expert_ops_match_per_expert_autograd(sizes, op_name):
         torch.testing.assert_close(a.double(), b, atol=atol, rtol=tol)
 
 
-def test_bf16_experts_match_reference():
-    """bf16 autocast takes the batched schedule; checked against the per-token reference at bf16 tolerance."""
+def test_bf16_experts_match_reference(monkeypatch):
+    """bf16 autocast takes the batched schedule (on a CPU with hardware bf16, which this test pretends to have);
+    checked against the per-token reference at bf16 tolerance."""
+    monkeypatch.setattr(hardware, "cpu_has_fast_bf16", lambda: True)
     cfg = _cfg(n_routed_experts=8, num_experts_per_tok=2)
     ex = _experts(cfg, seed=3)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -103,6 +106,27 @@ def test_bf16_experts_match_reference():
         idx = torch.stack([torch.tensor([0, 1 + n % 7]) for n in range(40)])
         w = torch.rand(40, 2)
         torch.testing.assert_close(ex(x, idx, w).float(), ex.forward_reference(x, idx, w).float(), atol=0.05, rtol=0.05)
+
+
+def test_autocast_dtype_of_nanoseeks_own_ops(monkeypatch):
+    """Experts and the fused head follow bf16 autocast on a CPU with hardware bf16 and stay fp32 on one without
+    (emulated bf16 matmuls run 1-12 GFLOP/s): there the experts' output is bitwise the fp32 one."""
+    assert hardware.fast_autocast_dtype("cpu") is None                                 # no autocast
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert hardware.fast_autocast_dtype("cpu") is None                             # CPU fp16: stays fp32
+    cfg = _cfg(n_routed_experts=8, num_experts_per_tok=2)
+    ex = _experts(cfg, seed=4)
+    x, w = torch.randn(40, cfg.hidden_size), torch.rand(40, 2)
+    idx = torch.stack([torch.tensor([n % 8, (n + 3) % 8]) for n in range(40)])
+    ref = ex(x, idx, w)
+    for fast in (True, False):
+        monkeypatch.setattr(hardware, "cpu_has_fast_bf16", lambda: fast)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert hardware.fast_autocast_dtype("cpu") == (torch.bfloat16 if fast else None)
+            got = ex(x, idx, w)
+        assert got.dtype == (torch.bfloat16 if fast else torch.float32)
+        if not fast:
+            assert torch.equal(got, ref)
 
 
 def test_grouped_experts_gradients_match_reference():

@@ -261,3 +261,17 @@ def test_matmul_peak_takes_the_faster_cpu_kernel(monkeypatch):
     assert peak == (3e9 if linear_ce._onednn_fp32(a, a) else 1e9)
     monkeypatch.undo()
     assert 1e6 < loop.matmul_peak_flops(torch.device("cpu"), torch.float64, seconds=0.01) < 1e14   # one kernel
+
+
+def test_matmul_peak_of_emulated_bf16_is_the_fp32_one(monkeypatch):
+    """Without hardware bf16, nanoseek's heavy ops stay fp32 under autocast, so the bf16 peak MFU is reported
+    against is fp32's (timing the emulated bf16 matmul would also take seconds)."""
+    from nanoseek.train import loop
+
+    monkeypatch.setattr(loop, "cpu_has_fast_bf16", lambda: False)
+    timed = []
+    monkeypatch.setattr(loop, "_sustained_flops",
+                        lambda kernel, flops, device, seconds: timed.append(kernel().dtype) or 1e9)
+    assert loop.matmul_peak_flops(torch.device("cpu"), torch.bfloat16, seconds=0.01) == 1e9
+    assert timed and set(timed) == {torch.float32}
+

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
+from nanoseek.hardware import fast_autocast_dtype
 from nanoseek.model.expert_ops import ExpertBatched, ExpertGrouped, ExpertLoop
 
 
@@ -127,11 +128,10 @@ class Experts(nn.Module):
         token = order // K                                                               # source token per slot
         counts = torch.bincount(flat, minlength=self.num_experts)                        # (E,)
         w_gu, w_down = self.gate_up_proj, self.down_proj
-        autocast = torch.is_autocast_enabled(x.device.type)
-        low = autocast or x.element_size() < 4                                           # bf16 / fp16 math
-        if autocast:
-            dt = torch.get_autocast_dtype(x.device.type)
+        dt = fast_autocast_dtype(x.device.type)             # None: no autocast, or a CPU without hardware bf16
+        if dt is not None:
             x, w_gu, w_down = x.to(dt), w_gu.to(dt), w_down.to(dt)    # cast the N tokens, not their N*K copies
+        low = x.element_size() < 4                                                       # bf16 / fp16 math
         scale = weights.reshape(-1).index_select(0, order).to(x.dtype)                   # (N*K,) routing weights
         if not _use_grouped_mm(x, w_gu, w_down):
             # bf16 on CPU: batched matmuls over padded blocks (bmm ran 1.3-1.5x the loop's GFLOP/s; bench_model bf16

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from nanoseek.hardware import fast_autocast_dtype
+
 CHUNK_ELEMENTS = 2 ** 21   # logits per chunk: 256 rows x 8192 vocab = 8 MiB fp32 fits the L3 share and keeps the
 CHUNK_ROWS = 256           # matmuls near peak (CPU); never fewer rows than this, whatever the vocabulary
 
@@ -113,9 +115,10 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
 
     The same value and gradients as `F.cross_entropy(hidden @ weight.T, targets, reduction="none") @ row_weight`
     (the log-softmax in fp32). Rows of weight 0 may hold any target (it is clamped into range). Under autocast
-    the matmuls run in the autocast dtype, as nn.Linear's would."""
+    the matmuls run in the autocast dtype, as nn.Linear's would, except on a CPU without hardware bf16
+    (`hardware.fast_autocast_dtype`): there they stay in the inputs' dtype."""
     device, chunk = hidden.device.type, chunk or chunk_rows(weight.shape[0])
-    compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    compute = fast_autocast_dtype(device) or hidden.dtype             # fp32 under autocast on a slow-bf16 CPU
     targets = targets.clamp(0, weight.shape[0] - 1)
     row_weight = row_weight.float()
     with torch.autocast(device, enabled=False):

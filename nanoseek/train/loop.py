@@ -100,9 +100,14 @@ def matmul_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, 
     """Sustained FLOP/s of a large square matmul on `device` at `dtype`, measured now: the practical peak that
     MFU is reported against (a datasheet number would flatter nothing: CPUs rarely reach theirs). On CPU in fp32
     the faster of torch's matmul (MKL) and oneDNN's, which the fused head uses: on an AVX-512 AMD EPYC oneDNN ran
-    161-195 GFLOP/s where MKL ran 128-153, and a peak from the slower library would flatter every MFU."""
+    161-195 GFLOP/s where MKL ran 128-153, and a peak from the slower library would flatter every MFU. On a CPU
+    without hardware bf16, a low-precision peak is the fp32 one."""
     from nanoseek.train.linear_ce import _onednn_fp32
 
+    if device.type == "cpu" and dtype.itemsize < 4 and not cpu_has_fast_bf16():
+        # emulated bf16 matmuls (1-12 GFLOP/s, seconds per 1024^3 matmul): nanoseek's experts and head run fp32
+        # there, so the practical peak is fp32's (MFU against the emulation would read above 100%)
+        return matmul_peak_flops(device, torch.float32, seconds)
     n = 4096 if device.type == "cuda" else 1024
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
