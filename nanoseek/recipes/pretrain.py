@@ -230,7 +230,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
                      "tokens": (step + 1) * tokens_per_step, "tokens_per_s": tps, "mfu": mfu,
                      "step_time": seconds, **load})
         bar.update(1)
-        bar.set_postfix_str(f"loss {loss:.3f} | {meter.ema:,.0f} tok/s | MFU {mfu:.1%} | "
+        bar.set_postfix_str(f"loss {loss:.3f} (ce {ce:.3f}) | {meter.ema:,.0f} tok/s | MFU {mfu:.1%} | "
                             f"load max/min {max(load['load_ratio'], default=1):.1f}")
         if cfg.save_every and (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
             state = save(step + 1, final=step + 1 == cfg.steps)
