@@ -92,8 +92,7 @@ def main():
           f"{transformers.__version__}, {torch.get_num_threads()} threads, "
           f"attn_implementation={hf.config._attn_implementation}")
     print(f"{'precision':<15}{'nanoseek tok/s':>15}{'transformers tok/s':>19}{'speedup':>9}{'step IQR':>11}"
-          f"{'peak GF/s':>11}"
-          f"{'MFU ours':>10}{'MFU hf':>8}")
+          f"{'peak GF/s':>11}{'MFU ours':>10}{'MFU hf':>8}")
     precisions = [("fp32", "fp32"), ("bf16 autocast", "bf16")]
     for k, (name, precision) in enumerate([p for p in precisions if args.precision in ("both", p[1])]):
         peak = matmul_peak_flops(CPU, torch.bfloat16 if precision == "bf16" else torch.float32, seconds=1.0)

@@ -26,7 +26,8 @@ def fast_autocast_dtype(device_type: str) -> torch.dtype | None:
     """The dtype nanoseek's own ops (the routed experts, the fused head + loss) compute in under autocast, or None
     for their inputs' dtype: autocast's dtype where this device runs it fast. On a CPU without hardware bf16 they
     stay fp32, as transformers' experts do under autocast: more exact, and there many times faster (bf16 matmuls
-    ran 1-12 GFLOP/s against 60-110 in fp32). nn.Linear layers still follow autocast."""
+    ran 1-12 GFLOP/s against 60-110 in fp32); under CPU fp16 autocast too. nn.Linear layers still follow
+    autocast."""
     if not torch.is_autocast_enabled(device_type):
         return None
     dtype = torch.get_autocast_dtype(device_type)

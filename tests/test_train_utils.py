@@ -274,4 +274,3 @@ def test_matmul_peak_of_emulated_bf16_is_the_fp32_one(monkeypatch):
                         lambda kernel, flops, device, seconds: timed.append(kernel().dtype) or 1e9)
     assert loop.matmul_peak_flops(torch.device("cpu"), torch.bfloat16, seconds=0.01) == 1e9
     assert timed and set(timed) == {torch.float32}
-
