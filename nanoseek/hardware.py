@@ -22,6 +22,12 @@ def cpu_has_fast_bf16() -> bool:
     return any(getattr(cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
 
+@torch.compiler.assume_constant_result
+def _cpu_bf16_is_fast() -> bool:
+    """cpu_has_fast_bf16() as a constant under torch.compile (dynamo would trace into its cache wrapper)."""
+    return cpu_has_fast_bf16()
+
+
 def fast_autocast_dtype(device_type: str) -> torch.dtype | None:
     """The dtype nanoseek's own ops (the routed experts, the fused head + loss) compute in under autocast, or None
     for their inputs' dtype: autocast's dtype where this device runs it fast. On a CPU without hardware bf16 they
@@ -31,7 +37,7 @@ def fast_autocast_dtype(device_type: str) -> torch.dtype | None:
     if not torch.is_autocast_enabled(device_type):
         return None
     dtype = torch.get_autocast_dtype(device_type)
-    if device_type == "cpu" and not (dtype == torch.bfloat16 and cpu_has_fast_bf16()):
+    if device_type == "cpu" and not (dtype == torch.bfloat16 and _cpu_bf16_is_fast()):
         return None
     return dtype
 
