@@ -252,13 +252,14 @@ def test_precision_auto_and_the_slow_bf16_warning(monkeypatch, capsys):
 def test_matmul_peak_takes_the_faster_cpu_kernel(monkeypatch):
     """fp32 on CPU times torch's matmul and, where this build has it, oneDNN's, and reports the faster; both
     compute an n x n x n product (oneDNN's op is a @ b^T), so the FLOP count is the same."""
-    from nanoseek.train import linear_ce, loop
+    from nanoseek import hardware
+    from nanoseek.train import loop
 
     rates = iter([1e9, 3e9])
     monkeypatch.setattr(loop, "_sustained_flops", lambda kernel, flops, device, seconds: (kernel(), next(rates))[1])
     peak = loop.matmul_peak_flops(torch.device("cpu"), torch.float32, seconds=0.01)
     a = torch.ones(2, 2)
-    assert peak == (3e9 if linear_ce._onednn_fp32(a, a) else 1e9)
+    assert peak == (3e9 if hardware.onednn_fp32_linear(a, a) else 1e9)
     monkeypatch.undo()
     assert 1e6 < loop.matmul_peak_flops(torch.device("cpu"), torch.float64, seconds=0.01) < 1e14   # one kernel
 
@@ -266,9 +267,10 @@ def test_matmul_peak_takes_the_faster_cpu_kernel(monkeypatch):
 def test_matmul_peak_of_emulated_bf16_is_the_fp32_one(monkeypatch):
     """Without hardware bf16, nanoseek's heavy ops stay fp32 under autocast, so the bf16 peak MFU is reported
     against is fp32's (timing the emulated bf16 matmul would also take seconds)."""
+    from nanoseek import hardware
     from nanoseek.train import loop
 
-    monkeypatch.setattr(loop, "cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr(hardware, "cpu_has_fast_bf16", lambda: False)
     timed = []
     monkeypatch.setattr(loop, "_sustained_flops",
                         lambda kernel, flops, device, seconds: timed.append(kernel().dtype) or 1e9)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from nanoseek.hardware import fast_autocast_dtype
+from nanoseek.hardware import fast_autocast_dtype, onednn_fp32_linear
 
 CHUNK_ELEMENTS = 2 ** 21   # logits per chunk: 256 rows x 8192 vocab = 8 MiB fp32 fits the L3 share and keeps the
 CHUNK_ROWS = 256           # matmuls near peak (CPU); never fewer rows than this, whatever the vocabulary
@@ -23,15 +23,6 @@ def chunk_rows(vocab: int) -> int:
     """Rows per chunk: ~CHUNK_ELEMENTS logits, at least CHUNK_ROWS rows. A small vocabulary gets large chunks
     (the 640-token demo model: 3276 rows), where per-chunk overhead would otherwise cost more than fusion saves."""
     return max(CHUNK_ROWS, CHUNK_ELEMENTS // vocab)
-
-
-def _onednn_fp32(*tensors) -> bool:
-    """Whether to run the wide matmuls through oneDNN: fp32 on CPU where this build has its linear op (the one
-    inductor's CPU linear fusion calls). For 256 rows x 256 -> 8192 outputs it measured 202 GFLOP/s against
-    MKL's 149 (and 215 vs 179 for dL/dh = g @ W); a chunk loop of the benchmark head 82 -> 72 ms."""
-    return (all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
-            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-            and torch.backends.cpu.get_cpu_capability().startswith("AVX"))    # measured on x86 only
 
 
 def _mm_nt(a: torch.Tensor, b: torch.Tensor, onednn: bool, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -56,7 +47,7 @@ def _chunks(hidden, weight, targets, row_weight, chunk, want_grad):
     # bf16, half the fp32 logits an unfused head holds) for one dL/dW matmul at the end, which rounds once, as
     # autograd's bf16 linear does, instead of once per chunk.
     grad_w = None                                           # fp32: the first chunk's matmul creates it
-    onednn = _onednn_fp32(hidden, weight)
+    onednn = onednn_fp32_linear(hidden, weight)
     # One logits buffer for every chunk: a fresh multi-MiB tensor per chunk costs page faults on CPU (glibc hands
     # large blocks back to the OS), which measured as much as the matmul that fills it. (oneDNN's op has no `out`:
     # its speed measured worth more than the buffer.)

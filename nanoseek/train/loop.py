@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from nanoseek.errors import ConfigError
-from nanoseek.hardware import SLOW_BF16, cpu_has_fast_bf16
+from nanoseek.hardware import SLOW_BF16, cpu_dtype_is_fast, cpu_has_fast_bf16, onednn_fp32_linear
 
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -102,9 +102,7 @@ def matmul_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, 
     the faster of torch's matmul (MKL) and oneDNN's, which the fused head uses: on an AVX-512 AMD EPYC oneDNN ran
     161-195 GFLOP/s where MKL ran 128-153, and a peak from the slower library would flatter every MFU. On a CPU
     without hardware bf16, a low-precision peak is the fp32 one."""
-    from nanoseek.train.linear_ce import _onednn_fp32
-
-    if device.type == "cpu" and dtype.itemsize < 4 and not cpu_has_fast_bf16():
+    if device.type == "cpu" and not cpu_dtype_is_fast(dtype):
         # emulated bf16 matmuls (1-12 GFLOP/s, seconds per 1024^3 matmul): nanoseek's experts and head run fp32
         # there, so the practical peak is fp32's (MFU against the emulation would read above 100%)
         return matmul_peak_flops(device, torch.float32, seconds)
@@ -112,7 +110,7 @@ def matmul_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, 
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     kernels = [lambda: a @ b]
-    if _onednn_fp32(a, b):
+    if onednn_fp32_linear(a, b):
         kernels.append(lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], ""))   # a @ b^T
     return max(_sustained_flops(k, 2 * n ** 3, device, seconds / len(kernels)) for k in kernels)
 
