@@ -8,11 +8,11 @@ with each expert's rows still in cache, and writes every gradient straight into 
 loop would also cat the slot gradients, stack the per-expert weight gradients and zero-fill per slice: the MoE
 block fp32 38.4 -> 35.7 ms fwd+bwd, A/B in one process).
 
-`ExpertBatched` (bf16/fp16) packs the slots into M blocks of C rows, each block one expert's (an expert with more
-than C slots gets several blocks, its weights repeated), gathered straight from the tokens, zero-weighted where
-padded, and runs them as batched matmuls. CPU bmm splits the batch across cores (no per-matmul thread sync): it
-measured 1.3-1.5x the GFLOP/s of a per-expert loop in bf16 (16 experts x 256 rows, H 256, I 128); in fp32 the
-padding and repeated weights cost more than that gains.
+`ExpertBatched` (bf16/fp16) gives each busy expert one block of rows, gathered straight from the tokens and
+zero-weighted where padded to the busiest load of its group of experts (`batch_groups`), and runs each group as
+batched matmuls. CPU bmm splits the batch across cores (no per-matmul thread sync): it measured 1.3-1.5x the
+GFLOP/s of a per-expert loop in bf16 (16 experts x 256 rows, H 256, I 128); in fp32 the padding and repeated
+weights cost more than that gains.
 
 `ExpertGrouped` (CUDA bf16, CPU fp32 where `F.grouped_mm` exists) gathers the slots and runs two grouped GEMMs
 with `scaled_swiglu` (silu(gate) * up * routing weight) between them, as one op: autograd over the same calls
@@ -21,11 +21,9 @@ source's shape alone), 28 of the 209 MB saved for backward in a bench_model step
 and the activation in backward instead of saving them (139 MB) measured within noise of saving them in whole-step
 A/Bs (-4% to +5%, five runs): they are saved.
 
-Shapes: N tokens, S slots sorted by expert, H hidden, I expert width, E experts, M blocks of C rows.
+Shapes: N tokens, S slots sorted by expert, H hidden, I expert width, E experts, M blocks, R padded rows.
 """
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -155,21 +153,33 @@ class ExpertLoop(torch.autograd.Function):
         return grad_x, None, grad_gu, grad_down, grad_scale, None
 
 
-def block_plan(sizes: list[int], row_cost_of_copy: int = 24) -> tuple[int, list[int] | None]:
-    """(C, blocks per expert, or None for one block per expert with C = the busiest expert's load).
+def _padded(rows: int, granule: int = 32) -> int:
+    """Rows per block, rounded up to a multiple of `granule`: oneDNN builds a kernel for every new matmul shape it
+    sees (2-3 ms for a bf16 bmm here, against ~2.5 ms to run it), and routing changes the loads every step, so
+    unrounded block sizes made nearly every step build its kernels anew."""
+    return -(-rows // granule) * granule
 
-    Padding to the busiest expert wastes E * max - S rows; at skewed loads, blocks of C < max rows waste at most
-    C - 1 per expert but copy each block's weights (about `row_cost_of_copy` rows' worth of compute each, fwd
-    and bwd). Picks the cheaper, over a few candidate C."""
-    E, S, top = len(sizes), sum(sizes), max(sizes)
-    best = (E * top, top, None)                                  # (cost in rows, C, blocks)
-    for c in {math.ceil(top / k) for k in (2, 3, 4)} | {math.ceil(S / E * f) for f in (1.0, 1.1, 1.25, 1.5)}:
-        if 0 < c < top:
-            blocks = [math.ceil(n / c) for n in sizes]
-            cost = sum(blocks) * (c + row_cost_of_copy)
-            if cost < best[0]:
-                best = (cost, c, blocks)
-    return best[1], best[2]
+
+def batch_groups(sizes: list[int], copy_rows: int = 24, group_rows: int = 64) -> list[list[int]]:
+    """The busy experts, busiest first, cut into groups for padded batched matmuls: each group's experts are padded
+    to its busiest one's load, one block each, and run as one bmm per projection.
+
+    One group padded to the busiest expert wasted 29% of the rows at bench_model's loads (busiest 1.5-1.7x the
+    mean); more groups waste less but each costs four more bmm calls (about `group_rows` rows' worth of compute),
+    and every block copies its expert's weights (`copy_rows`). The cut minimizing
+    sum_g |g| * (max_g + copy_rows) + group_rows per group is found by dynamic programming over the sorted loads."""
+    order = sorted((e for e, n in enumerate(sizes) if n), key=lambda e: -sizes[e])
+    best, cut = [0.0], [0]                               # best[j]: cheapest plan for the j busiest experts
+    for j in range(1, len(order) + 1):
+        cost, i = min((best[i] + (j - i) * (_padded(sizes[order[i]]) + copy_rows) + group_rows, i)
+                      for i in range(j))
+        best.append(cost)
+        cut.append(i)
+    groups, j = [], len(order)
+    while j:
+        groups.append(order[cut[j]:j])
+        j = cut[j]
+    return groups[::-1]
 
 
 class ExpertBatched(torch.autograd.Function):
@@ -179,35 +189,45 @@ class ExpertBatched(torch.autograd.Function):
         [gate; up], w_down (E,H,I), scale (S,) routing weights, sizes: the slots of each expert (python ints,
         summing to S) -> (N,H): each token's slots' (silu(gate) * up * scale) @ w_down^T, summed.
 
-        The padded blocks are gathered straight from x and summed straight back into (N,H) (no (S,H) copies in
-        between): a padding row reads token 0 with routing weight 0, so its output and its gradients into the
-        weights and x are exactly zero (for finite values: a NaN at token 0 reaches every block, where the
-        per-slot path would keep it to token 0's experts; either way the step's gradient norm is NaN)."""
-        C, blocks = block_plan(sizes)
-        E, S, N = len(sizes), token.shape[0], x.shape[0]
-        counts = torch.tensor(sizes, device=x.device)
-        per_expert = counts.new_ones(E) if blocks is None else torch.tensor(blocks, device=x.device)
-        expert = torch.repeat_interleave(torch.arange(E, device=x.device), counts)             # (S,)
-        rank = torch.arange(S, device=x.device) - (counts.cumsum(0) - counts)[expert]          # slot within expert
-        first_block = per_expert.cumsum(0) - per_expert                                         # (E,)
-        row = (first_block[expert] + rank // C) * C + rank % C                                  # slot -> padded row
-        M, block_expert = int(per_expert.sum()), None
-        if blocks is not None:                                        # an expert's blocks repeat its weights
-            block_expert = torch.repeat_interleave(torch.arange(E, device=x.device), per_expert)    # (M,)
+        Each busy expert gets one block of rows, padded to the load of the busiest expert in its group
+        (`batch_groups`); the blocks are gathered straight from x into one (R,H) buffer and summed straight back
+        into (N,H) (no (S,H) copies in between); only the matmuls run group by group. A padding row reads token 0
+        with routing weight 0, so its output and its gradients into the weights and x are exactly zero (for finite
+        values: a NaN at token 0 reaches every block, where the per-slot path would keep it to token 0's experts;
+        either way the step's gradient norm is NaN)."""
+        groups = [sorted(g) for g in batch_groups(sizes)]        # by expert id: one group needs no weight copies
+        E, S, N, dev = len(sizes), token.shape[0], x.shape[0], x.device
+        block_expert = [e for g in groups for e in g]                                   # (M,)
+        spans, rows, first_row = [], 0, [0] * E                 # per group: (first block, blocks, first row, C)
+        for g in groups:
+            C = _padded(max(sizes[e] for e in g))
+            spans.append((len(spans) and spans[-1][0] + spans[-1][1], len(g), rows, C))
+            for k, e in enumerate(g):
+                first_row[e] = rows + k * C
+            rows += len(g) * C
+        counts = torch.tensor(sizes, device=dev)
+        expert = torch.repeat_interleave(torch.arange(E, device=dev), counts)                  # (S,)
+        rank = torch.arange(S, device=dev) - (counts.cumsum(0) - counts)[expert]               # slot within expert
+        row = torch.tensor(first_row, device=dev)[expert] + rank                                # slot -> padded row
+        if block_expert == list(range(E)):
+            block_expert = None                               # every expert busy, in one group: weights as they are
+        else:
+            block_expert = torch.tensor(block_expert, device=dev)
             w_gate_up, w_down = w_gate_up.index_select(0, block_expert), w_down.index_select(0, block_expert)
-        row_token = token.new_zeros(M * C).index_copy_(0, row, token)                          # (M*C,) source token
-        x_pad = x.index_select(0, row_token).view(M, C, -1)                                     # (M,C,H)
-        scale_pad = scale.new_zeros(M * C).index_copy_(0, row, scale).view(M, C, 1)            # (M,C,1)
-        gate_up = torch.bmm(x_pad, w_gate_up.transpose(1, 2))                                   # (M,C,2I)
+        row_token = token.new_zeros(rows).index_copy_(0, row, token)                            # (R,) source token
+        x_pad = x.index_select(0, row_token)                                                    # (R,H)
+        scale_pad = scale.new_zeros(rows).index_copy_(0, row, scale)[:, None]                  # (R,1)
         I = w_down.shape[-1]
-        silu = F.silu(gate_up[..., :I])
-        h = silu * gate_up[..., I:]                                                             # (M,C,I)
+        gate_up = x.new_empty(rows, 2 * I)
+        _grouped_bmm(spans, x_pad, w_gate_up.transpose(1, 2), gate_up)                         # (R,2I)
+        silu = F.silu(gate_up[:, :I])
+        h = silu * gate_up[:, I:]                                                               # (R,I)
         h_scaled = h * scale_pad
-        out = torch.bmm(h_scaled, w_down.transpose(1, 2)).view(M * C, -1)                       # (M*C,H)
-        # silu, h and h * scale are kept, not recomputed: three (M,C,I) passes fewer in backward
+        out = _grouped_bmm(spans, h_scaled, w_down.transpose(1, 2), x.new_empty(rows, x.shape[1]))   # (R,H)
+        # silu, h and h * scale are kept, not recomputed: three (R,I) passes fewer in backward
         ctx.save_for_backward(x_pad, w_gate_up, w_down, scale_pad, gate_up, silu, h, h_scaled, row, row_token,
                               block_expert)
-        ctx.num_experts, ctx.num_tokens = E, N
+        ctx.spans, ctx.num_experts, ctx.num_tokens = spans, E, N
         return out.new_zeros(N, out.shape[-1]).index_add_(0, row_token, out)
 
     @staticmethod
@@ -216,20 +236,38 @@ class ExpertBatched(torch.autograd.Function):
         x_pad, w_gate_up, w_down, scale_pad, gate_up, silu, h, h_scaled, row, row_token, block_expert = \
             ctx.saved_tensors
         want_x, _, want_gu, want_down, want_scale = ctx.needs_input_grad[:5]
-        M, C, H = x_pad.shape
-        go = grad_out.index_select(0, row_token).view(M, C, H)                                  # (M,C,H)
-        grad_down = torch.bmm(go.transpose(1, 2), h_scaled) if want_down else None              # (M,H,I)
-        d_h = torch.bmm(go, w_down)                                                             # (M,C,I)
-        grad_scale = (d_h * h).sum(-1).view(-1).index_select(0, row) if want_scale else None    # (S,)
-        d_gate_up = _swiglu_backward(d_h.mul_(scale_pad), gate_up, silu)                        # (M,C,2I)
-        grad_gu = torch.bmm(d_gate_up.transpose(1, 2), x_pad) if want_gu else None              # (M,2I,H)
-        grad_x = None
+        spans, (R, H) = ctx.spans, x_pad.shape
+        go = grad_out.index_select(0, row_token)                                                # (R,H)
+        grad_down = grad_gu = grad_x = None
+        if want_down:                                                                           # (M,H,I) per block
+            grad_down = _grouped_bmm(spans, go, h_scaled, w_down.new_empty(w_down.shape), transpose_a=True)
+        d_h = _grouped_bmm(spans, go, w_down, h.new_empty(h.shape))                             # (R,I)
+        grad_scale = (d_h * h).sum(-1).index_select(0, row) if want_scale else None            # (S,)
+        d_gate_up = _swiglu_backward(d_h.mul_(scale_pad), gate_up, silu)                        # (R,2I)
+        if want_gu:
+            grad_gu = _grouped_bmm(spans, d_gate_up, x_pad, w_gate_up.new_empty(w_gate_up.shape), transpose_a=True)
         if want_x:                                                    # padding rows carry zero d_gate_up
             grad_x = grad_out.new_zeros(ctx.num_tokens, H).index_add_(
-                0, row_token, torch.bmm(d_gate_up, w_gate_up).view(M * C, H))                  # (N,H)
-        if block_expert is not None:                                  # sum the repeated weights' gradients
-            def per_expert(grad):
-                return grad.new_zeros(ctx.num_experts, *grad.shape[1:]).index_add_(0, block_expert, grad)
-            grad_gu = None if grad_gu is None else per_expert(grad_gu)
-            grad_down = None if grad_down is None else per_expert(grad_down)
-        return grad_x, None, grad_gu, grad_down, grad_scale, None
+                0, row_token, _grouped_bmm(spans, d_gate_up, w_gate_up, x_pad.new_empty(R, H)))   # (N,H)
+
+        def per_expert(grad):                                         # blocks -> experts; idle experts get zeros
+            if grad is None or block_expert is None:
+                return grad
+            if block_expert.shape[0] == ctx.num_experts:              # a permutation: one gather, no zero fill
+                return grad.index_select(0, torch.empty_like(block_expert).index_copy_(
+                    0, block_expert, torch.arange(ctx.num_experts, device=block_expert.device)))
+            return grad.new_zeros(ctx.num_experts, *grad.shape[1:]).index_copy_(0, block_expert, grad)
+        return grad_x, None, per_expert(grad_gu), per_expert(grad_down), grad_scale, None
+
+
+def _grouped_bmm(spans, a, b, out, transpose_a: bool = False):
+    """Per group (first block, blocks m, first row, rows per block C): a's rows (m*C, K) as (m,C,K) @ b's blocks
+    (m,K,P) into out's rows (m*C, P), or with transpose_a a's blocks^T (m,K,C) @ b's rows (m*C, P) as (m,C,P)
+    into out's blocks (m,K,P)."""
+    for b0, m, r0, C in spans:
+        rows = slice(r0, r0 + m * C)
+        if transpose_a:
+            torch.bmm(a[rows].view(m, C, -1).transpose(1, 2), b[rows].view(m, C, -1), out=out[b0:b0 + m])
+        else:
+            torch.bmm(a[rows].view(m, C, -1), b[b0:b0 + m], out=out[rows].view(m, C, -1))
+    return out
