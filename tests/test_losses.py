@@ -24,11 +24,13 @@ def test_cross_entropy_by_hand():
     assert cross_entropy(logits.bfloat16(), targets).dtype == torch.float32
 
 
-@pytest.mark.parametrize("chunk", [7, 256])
-def test_fused_head_cross_entropy_matches_logits_path(chunk):
+@pytest.mark.parametrize("chunk,workspace_chunks", [(7, None), (256, None), (7, 2)])
+def test_fused_head_cross_entropy_matches_logits_path(chunk, workspace_chunks):
     """`head_weight` fuses the vocabulary projection into the loss chunk by chunk (train.linear_ce): the same
     value and gradients as lm_head -> logits -> CE, with a mask, a global normalizer, an MTP depth, chunks that
-    do not divide the rows, and bf16 autocast (where both sides round the matmuls to bf16)."""
+    do not divide the rows, and bf16 autocast (where both sides round the matmuls to bf16). On x86 CPUs fp32
+    runs the oneDNN path; `workspace_chunks` shrinks its gradient workspace to that many chunks, so its matmuls
+    run per fill and dL/dW accumulates across fills."""
     g = torch.Generator().manual_seed(0)
     B, T, H, V = 3, 11, 16, 97
     hidden = torch.randn(B, T, H, generator=g, requires_grad=True)
@@ -38,8 +40,10 @@ def test_fused_head_cross_entropy_matches_logits_path(chunk):
     mtp_hidden = [torch.randn(B, T, H, generator=g, requires_grad=True)]
     counts = target_counts(mask, 1) * 2                                   # another micro-batch holds as many
     from nanoseek.train import linear_ce
-    old = linear_ce.CHUNK_ROWS, linear_ce.CHUNK_ELEMENTS
+    old = linear_ce.CHUNK_ROWS, linear_ce.CHUNK_ELEMENTS, linear_ce.WORKSPACE_BYTES
     linear_ce.CHUNK_ROWS, linear_ce.CHUNK_ELEMENTS = chunk, 0                # exactly `chunk` rows a chunk
+    if workspace_chunks:
+        linear_ce.WORKSPACE_BYTES = 4 * V * chunk * workspace_chunks
     try:
         for dtype, tol in [(None, 1e-5), (torch.bfloat16, 2e-2)]:
             with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
@@ -56,7 +60,7 @@ def test_fused_head_cross_entropy_matches_logits_path(chunk):
             torch.testing.assert_close(cross_entropy(hidden, targets, mask, head_weight=head),
                                        cross_entropy(hidden @ head.t(), targets, mask))
     finally:
-        linear_ce.CHUNK_ROWS, linear_ce.CHUNK_ELEMENTS = old
+        linear_ce.CHUNK_ROWS, linear_ce.CHUNK_ELEMENTS, linear_ce.WORKSPACE_BYTES = old
 
 
 def test_fused_head_stays_fp32_under_autocast_without_hardware_bf16(monkeypatch):

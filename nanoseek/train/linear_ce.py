@@ -11,12 +11,15 @@ only scales them by the incoming scalar gradient.
 """
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from nanoseek.hardware import fast_autocast_dtype, onednn_fp32_linear
 
 CHUNK_ELEMENTS = 2 ** 21   # logits per chunk: 256 rows x 8192 vocab = 8 MiB fp32 fits the L3 share and keeps the
 CHUNK_ROWS = 256           # matmuls near peak (CPU); never fewer rows than this, whatever the vocabulary
+WORKSPACE_BYTES = 2 ** 26  # the oneDNN fp32 path's reused gradient buffer: at most 64 MiB (1024 x 16384 fp32)
 
 
 def chunk_rows(vocab: int) -> int:
@@ -34,6 +37,56 @@ def _mm_nt(a: torch.Tensor, b: torch.Tensor, onednn: bool, out: torch.Tensor | N
     return result if out is None else out.copy_(result)
 
 
+def _loss_and_grad_(logits, t, rw, out=None):
+    """logits (c,V) fp32, overwritten; t (c,1) targets; rw (c,1) row weights -> (sum of the rows' weighted CE,
+    gradient (softmax - onehot) * rw (c,V), in `out` when given, else in logits' memory)."""
+    target_logit = logits.gather(1, t)                                              # (c,1)
+    peak = logits.amax(dim=-1, keepdim=True)
+    e = logits.sub_(peak).exp_()                                                    # in place: exp(z - max)
+    total = e.sum(dim=-1, keepdim=True)
+    loss = ((peak + total.log() - target_logit) * rw).sum()                         # logsumexp - z_target
+    g = torch.mul(e, rw / total, out=out) if out is not None else e.mul_(rw / total)   # softmax * w
+    return loss, g.scatter_add_(1, t, -rw)                                          # (softmax - onehot) * w
+
+
+_local = threading.local()
+
+
+def _workspace(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+    """A CPU (rows, cols) buffer kept between calls (one per thread, grown as needed): a fresh multi-MiB buffer
+    page-faults on every call."""
+    buf = getattr(_local, "buf", None)
+    if buf is None or buf.dtype != dtype or buf.numel() < rows * cols:
+        buf = _local.buf = torch.empty(rows * cols, dtype=dtype)
+    return buf[:rows * cols].view(rows, cols)
+
+
+def _onednn_fp32_grads(hidden, weight, targets, row_weight, chunk):
+    """(loss, dL/dhidden, dL/dweight) for fp32 on CPU through oneDNN's linear. Each chunk's gradient goes into a
+    workspace of up to WORKSPACE_BYTES rows x V; per workspace fill, dL/dh = g @ W is one matmul and dL/dW is
+    one (H,V) = h^T @ g matmul, transposed at the end (oneDNN runs it at ~180 GFLOP/s where MKL's chunk-by-chunk
+    g^T @ h accumulation ran ~120). The bench_model head: 110 -> 96 ms (interleaved, caches flushed between)."""
+    N, V = hidden.shape[0], weight.shape[0]
+    lin = torch.ops.mkldnn._linear_pointwise
+    span = min(N, max(chunk, WORKSPACE_BYTES // (4 * V) // chunk * chunk))          # rows per fill: whole chunks
+    loss = torch.zeros((), dtype=hidden.dtype)
+    grad_h, grad_w_t = torch.empty_like(hidden), None
+    for f in range(0, N, span):
+        rows = min(span, N - f)
+        g = _workspace(rows, V, hidden.dtype)                                       # (rows,V)
+        for s in range(0, rows, chunk):
+            c = min(chunk, rows - s)
+            r = slice(f + s, f + s + c)
+            part, _ = _loss_and_grad_(lin(hidden[r], weight, None, "none", [], ""), targets[r, None],
+                                      row_weight[r, None], out=g[s:s + c])
+            loss += part
+        h = hidden[f:f + rows]
+        grad_h[f:f + rows] = lin(g, weight.t(), None, "none", [], "")              # dL/dh = g @ W
+        part_w = lin(h.t().contiguous(), g.t(), None, "none", [], "")               # (H,V) = h^T @ g
+        grad_w_t = part_w if grad_w_t is None else grad_w_t.add_(part_w)
+    return loss, grad_h, grad_w_t.t().contiguous()
+
+
 def _chunks(hidden, weight, targets, row_weight, chunk, want_grad):
     """(loss, dL/dhidden or None, dL/dweight or None): the work of both passes. hidden (N,H) and weight (V,H)
     already in the compute dtype; targets (N,) valid ids; row_weight (N,) fp32."""
@@ -41,13 +94,15 @@ def _chunks(hidden, weight, targets, row_weight, chunk, want_grad):
     low = hidden.element_size() < 4                                                     # bf16 / fp16 matmuls
     acc = torch.promote_types(hidden.dtype, torch.float32)                              # softmax dtype
     row_weight = row_weight.to(acc)
+    onednn = onednn_fp32_linear(hidden, weight)
+    if onednn and want_grad:
+        return _onednn_fp32_grads(hidden, weight, targets, row_weight, chunk)
     loss = torch.zeros((), dtype=acc, device=hidden.device)
     grad_h = torch.empty_like(hidden) if want_grad else None
     # fp32: dL/dW accumulates chunk by chunk in place. Low precision: every chunk's gradient is kept (N x V in
     # bf16, half the fp32 logits an unfused head holds) for one dL/dW matmul at the end, which rounds once, as
     # autograd's bf16 linear does, instead of once per chunk.
     grad_w = None                                           # fp32: the first chunk's matmul creates it
-    onednn = onednn_fp32_linear(hidden, weight)
     # One logits buffer for every chunk: a fresh multi-MiB tensor per chunk costs page faults on CPU (glibc hands
     # large blocks back to the OS), which measured as much as the matmul that fills it. (oneDNN's op has no `out`:
     # its speed measured worth more than the buffer.)
@@ -62,14 +117,9 @@ def _chunks(hidden, weight, targets, row_weight, chunk, want_grad):
             logits = logits_buf[:c].copy_(torch.mm(h, weight.t(), out=low_c))          # (c,V) fp32
         else:
             logits = _mm_nt(h, weight, onednn, out=None if onednn else logits_buf[:c])  # (c,V) fp32 (or fp64)
-        target_logit = logits.gather(1, t)                                              # (c,1)
-        peak = logits.amax(dim=-1, keepdim=True)
-        e = logits.sub_(peak).exp_()                                                    # in place: exp(z - max)
-        total = e.sum(dim=-1, keepdim=True)
-        loss += ((peak + total.log() - target_logit) * rw).sum()                        # logsumexp - z_target
+        part, g = _loss_and_grad_(logits, t, rw)
+        loss += part
         if want_grad:
-            g = e.mul_(rw / total)                                                      # softmax * w
-            g.scatter_add_(1, t, -rw)                                                   # (softmax - onehot) * w
             if low:
                 g = low_c.copy_(g)
             _mm_nt(g, weight.t(), onednn, out=grad_h[s:s + c])                          # dL/dh = g @ W
