@@ -95,6 +95,29 @@ def test_expert_ops_match_per_expert_autograd(sizes, op_name):
         torch.testing.assert_close(a.double(), b, atol=atol, rtol=tol)
 
 
+def test_batch_groups_is_the_cheapest_cut():
+    """`batch_groups` (dynamic programming, cuts only where the padded load changes) against brute force over
+    every way to cut the busiest-first experts into consecutive groups, under the same cost."""
+    import itertools
+    import random
+
+    from nanoseek.model.expert_ops import _padded, batch_groups
+
+    def cost(groups, copy_rows=24, group_rows=64):
+        return sum(len(g) * (max(_padded(sizes[e]) for e in g) + copy_rows) + group_rows for g in groups)
+
+    rng = random.Random(0)
+    for _ in range(40):
+        sizes = [rng.choice([0, 1, 3, 7, 30, 33, 64, 65, 100, 300]) for _ in range(rng.randint(1, 8))]
+        order = sorted((e for e, n in enumerate(sizes) if n), key=lambda e: -sizes[e])
+        got = batch_groups(sizes)
+        assert sorted(e for g in got for e in g) == sorted(order)                 # every busy expert, once
+        best = min((cost([order[a:b] for a, b in zip((0, *cuts), (*cuts, len(order)))])
+                    for r in range(len(order)) for cuts in itertools.combinations(range(1, len(order)), r)),
+                   default=0)
+        assert cost(got) == best
+
+
 def test_bf16_experts_match_reference(monkeypatch):
     """bf16 autocast takes the batched schedule (on a CPU with hardware bf16, which this test pretends to have);
     checked against the per-token reference at bf16 tolerance."""
