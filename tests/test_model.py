@@ -51,6 +51,8 @@ def test_skewed_routing_loop_path_matches_reference():
     [30, 25, 3, 4, 0, 5, 2, 3],                  # two overloaded experts, one idle: padded to the busiest
     [600, 0, 90, 80, 100, 95, 85, 70],            # one expert far over the rest: a group of its own
     [0, 0, 0, 12, 0, 0, 0, 0],                    # every slot on one expert
+    [40, 3, 35, 2, 38, 4, 36, 5],                 # every expert busy, in two load groups (blocks reordered)
+    [6, 7, 5, 8, 6, 7, 5, 8],                     # balanced: one group, the weights used as they are
 ])
 @pytest.mark.parametrize("op_name", ["ExpertBatched", "ExpertLoop", "ExpertGrouped"])
 def test_expert_ops_match_per_expert_autograd(sizes, op_name):
