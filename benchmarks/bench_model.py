@@ -43,7 +43,9 @@ def main():
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--vocab", type=int, default=8192)
-    p.add_argument("--iters", type=int, default=8)
+    p.add_argument("--iters", type=int, default=8, help="timed steps per side and precision (after --warmup)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (oneDNN builds a kernel per new bf16 "
+                   "matmul shape: more warm-up measures the steady state)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     add_precision_argument(p)
     args = p.parse_args()
@@ -70,12 +72,12 @@ def main():
     for name, dt in [pr for pr in precisions if args.precision in ("both", pr[0].split()[0])]:
         peak = matmul_peak_flops(torch.device("cpu"), dt or torch.float32, seconds=1.0) / 1e9
         times = {"ours": [], "hf": []}
-        for i in range(args.iters + 2):
+        for i in range(args.iters + args.warmup):
             ids = torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=g)
             losses = {}
             for side, model in (("ours", ours), ("hf", hf)) if i % 2 else (("hf", hf), ("ours", ours)):
                 t, losses[side] = step(model, ids, dt)
-                if i >= 2:                            # two warm-up steps
+                if i >= args.warmup:
                     times[side].append(t)
             if abs(losses["ours"] - losses["hf"]) > (1e-4 if dt is None else 2e-2) * abs(losses["hf"]):
                 raise SystemExit(f"losses differ: nanoseek {losses['ours']:.6f}, transformers {losses['hf']:.6f}")
