@@ -255,12 +255,16 @@ class ExpertBatched(torch.autograd.Function):
             grad_x = grad_out.new_zeros(ctx.num_tokens, H).index_add_(
                 0, row_token, _grouped_bmm(spans, d_gate_up, w_gate_up, x_pad.new_empty(R, H)))   # (N,H)
 
-        def per_expert(grad):                                         # blocks -> experts; idle experts get zeros
+        # blocks -> experts: every expert busy makes block_expert a permutation (one gather by its inverse, no
+        # zero fill); otherwise idle experts get zeros
+        inverse = (block_expert.argsort() if block_expert is not None and block_expert.shape[0] == ctx.num_experts
+                   else None)
+
+        def per_expert(grad):
             if grad is None or block_expert is None:
                 return grad
-            if block_expert.shape[0] == ctx.num_experts:              # a permutation: one gather, no zero fill
-                return grad.index_select(0, torch.empty_like(block_expert).index_copy_(
-                    0, block_expert, torch.arange(ctx.num_experts, device=block_expert.device)))
+            if inverse is not None:
+                return grad.index_select(0, inverse)
             return grad.new_zeros(ctx.num_experts, *grad.shape[1:]).index_copy_(0, block_expert, grad)
         return grad_x, None, per_expert(grad_gu), per_expert(grad_down), grad_scale, None
 

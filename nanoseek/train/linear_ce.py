@@ -68,7 +68,6 @@ def _onednn_fp32_grads(hidden, weight, targets, row_weight, chunk):
     one (H,V) = h^T @ g matmul, transposed at the end (oneDNN runs it at ~180 GFLOP/s where MKL's chunk-by-chunk
     g^T @ h accumulation ran ~120). The bench_model head: 110 -> 96 ms (interleaved, caches flushed between)."""
     N, V = hidden.shape[0], weight.shape[0]
-    lin = torch.ops.mkldnn._linear_pointwise
     span = min(N, max(chunk, WORKSPACE_BYTES // (4 * V) // chunk * chunk))          # rows per fill: whole chunks
     loss = torch.zeros((), dtype=hidden.dtype)
     grad_h, grad_w_t = torch.empty_like(hidden), None
@@ -78,12 +77,12 @@ def _onednn_fp32_grads(hidden, weight, targets, row_weight, chunk):
         for s in range(0, rows, chunk):
             c = min(chunk, rows - s)
             r = slice(f + s, f + s + c)
-            part, _ = _loss_and_grad_(lin(hidden[r], weight, None, "none", [], ""), targets[r, None],
+            part, _ = _loss_and_grad_(_mm_nt(hidden[r], weight, onednn=True), targets[r, None],
                                       row_weight[r, None], out=g[s:s + c])
             loss += part
         h = hidden[f:f + rows]
-        grad_h[f:f + rows] = lin(g, weight.t(), None, "none", [], "")              # dL/dh = g @ W
-        part_w = lin(h.t().contiguous(), g.t(), None, "none", [], "")               # (H,V) = h^T @ g
+        _mm_nt(g, weight.t(), onednn=True, out=grad_h[f:f + rows])                  # dL/dh = g @ W
+        part_w = _mm_nt(h.t().contiguous(), g.t(), onednn=True)                     # (H,V) = h^T @ g
         grad_w_t = part_w if grad_w_t is None else grad_w_t.add_(part_w)
     return loss, grad_h, grad_w_t.t().contiguous()
 
