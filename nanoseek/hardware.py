@@ -46,6 +46,15 @@ def onednn_fp32_linear(*tensors: torch.Tensor) -> bool:
             and torch.backends.cpu.get_cpu_capability().startswith("AVX"))    # measured on x86 only
 
 
+def onednn_fp32_long_k() -> bool:
+    """Whether oneDNN beats MKL on this CPU for fp32 matmuls with a long inner dimension and few outputs: the
+    fused head's dL/dh = g @ W (1024 x 8192 by 8192 x 256) and dL/dW (K = the tokens). On AVX-512 (EPYC, stop
+    19) oneDNN ran them at ~180 GFLOP/s against MKL's ~120; on AVX2 (EPYC, stop 20) MKL wins, 136 vs 103
+    GFLOP/s for dL/dh and 110 vs 101 for dL/dW (the whole head 123 vs 147 ms). Decided by the CPU, not timed at
+    run time: the same machine always takes the same path, so a resumed run stays bitwise identical."""
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
 def fast_autocast_dtype(device_type: str) -> torch.dtype | None:
     """The dtype nanoseek's own ops (the routed experts, the fused head + loss) compute in under autocast, or None
     for their inputs' dtype: autocast's dtype where this device runs it fast. On a CPU without hardware bf16 they

@@ -15,7 +15,7 @@ import threading
 
 import torch
 
-from nanoseek.hardware import fast_autocast_dtype, onednn_fp32_linear
+from nanoseek.hardware import fast_autocast_dtype, onednn_fp32_linear, onednn_fp32_long_k
 
 CHUNK_ELEMENTS = 2 ** 21   # logits per chunk: 256 rows x 8192 vocab = 8 MiB fp32 fits the L3 share and keeps the
 CHUNK_ROWS = 256           # matmuls near peak (CPU); never fewer rows than this, whatever the vocabulary
@@ -63,14 +63,17 @@ def _workspace(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _onednn_fp32_grads(hidden, weight, targets, row_weight, chunk):
-    """(loss, dL/dhidden, dL/dweight) for fp32 on CPU through oneDNN's linear. Each chunk's gradient goes into a
-    workspace of up to WORKSPACE_BYTES rows x V; per workspace fill, dL/dh = g @ W is one matmul and dL/dW is
-    one (H,V) = h^T @ g matmul, transposed at the end (oneDNN runs it at ~180 GFLOP/s where MKL's chunk-by-chunk
-    g^T @ h accumulation ran ~120). The bench_model head: 110 -> 96 ms (interleaved, caches flushed between)."""
+    """(loss, dL/dhidden, dL/dweight) for fp32 on CPU, the logits through oneDNN's linear. Each chunk's gradient
+    goes into a workspace of up to WORKSPACE_BYTES rows x V; per workspace fill, dL/dh = g @ W is one matmul and
+    dL/dW one matmul with the fill's rows as its inner dimension. Those two run on oneDNN or MKL, whichever
+    `onednn_fp32_long_k` says is faster on this CPU: on AVX-512 oneDNN's (H,V) = h^T @ g, transposed at the end,
+    ran ~180 GFLOP/s where MKL's chunk-by-chunk g^T @ h accumulation ran ~120 (the bench_model head 110 -> 96 ms,
+    interleaved, caches flushed between); on AVX2 MKL's g @ W and g^T @ h win (147 -> 123 ms)."""
     N, V = hidden.shape[0], weight.shape[0]
     span = min(N, max(chunk, WORKSPACE_BYTES // (4 * V) // chunk * chunk))          # rows per fill: whole chunks
+    grads_onednn = onednn_fp32_long_k()
     loss = torch.zeros((), dtype=hidden.dtype)
-    grad_h, grad_w_t = torch.empty_like(hidden), None
+    grad_h, grad_w = torch.empty_like(hidden), None
     for f in range(0, N, span):
         rows = min(span, N - f)
         g = _workspace(rows, V, hidden.dtype)                                       # (rows,V)
@@ -81,10 +84,14 @@ def _onednn_fp32_grads(hidden, weight, targets, row_weight, chunk):
                                       row_weight[r, None], out=g[s:s + c])
             loss += part
         h = hidden[f:f + rows]
-        _mm_nt(g, weight.t(), onednn=True, out=grad_h[f:f + rows])                  # dL/dh = g @ W
-        part_w = _mm_nt(h.t().contiguous(), g.t(), onednn=True)                     # (H,V) = h^T @ g
-        grad_w_t = part_w if grad_w_t is None else grad_w_t.add_(part_w)
-    return loss, grad_h, grad_w_t.t().contiguous()
+        if grads_onednn:
+            _mm_nt(g, weight.t(), onednn=True, out=grad_h[f:f + rows])              # dL/dh = g @ W
+            part_w = _mm_nt(h.t().contiguous(), g.t(), onednn=True)                 # (H,V) = h^T @ g
+            grad_w = part_w if grad_w is None else grad_w.add_(part_w)
+        else:
+            torch.mm(g, weight, out=grad_h[f:f + rows])                             # dL/dh = g @ W
+            grad_w = torch.mm(g.t(), h) if grad_w is None else grad_w.addmm_(g.t(), h)   # (V,H)
+    return loss, grad_h, grad_w.t().contiguous() if grads_onednn else grad_w
 
 
 def _chunks(hidden, weight, targets, row_weight, chunk, want_grad):
