@@ -220,6 +220,55 @@ def test_cpu_fp32_experts_take_grouped_mm_and_match_the_loop(monkeypatch):
     monkeypatch.undo()
     assert not moe._use_grouped_mm(x.double(), ex.gate_up_proj.double())
 
+@pytest.mark.skipif(not hasattr(torch.nn.functional, "grouped_mm"), reason="this torch has no F.grouped_mm")
+def test_stacked_grouped_experts_reuse_scratch_exactly(monkeypatch):
+    """Two MoE layers in one graph: both backwards run the grouped op on CPU, which takes its temporaries from the
+    same per-thread scratch buffers (nanoseek.scratch), one layer after the other. The gradients are bitwise the
+    ones with fresh buffers, and match the ExpertLoop path to fp32 rounding."""
+    from nanoseek.model import expert_ops, moe
+
+    cfg = _cfg(n_routed_experts=8, num_experts_per_tok=2)
+    first, second = _experts(cfg, seed=5), _experts(cfg, seed=6)
+    x = torch.randn(40, cfg.hidden_size, requires_grad=True)
+    idx1 = torch.stack([torch.randperm(8)[:2] for _ in range(40)])
+    idx2 = torch.stack([torch.randperm(8)[:2] for _ in range(40)])
+    w = torch.rand(40, 2, requires_grad=True)
+    proj = torch.randn(40, cfg.hidden_size)
+    params = [x, w, first.gate_up_proj, first.down_proj, second.gate_up_proj, second.down_proj]
+
+    def grads():
+        return torch.autograd.grad((second(first(x, idx1, w), idx2, w) * proj).sum(), params)
+
+    got = grads()
+    monkeypatch.setattr(expert_ops, "scratch", lambda name, shape, dtype: torch.empty(shape, dtype=dtype))
+    for a, b in zip(got, grads()):
+        assert torch.equal(a, b)
+    monkeypatch.setattr(moe, "_use_grouped_mm", lambda *a: False)
+    for a, b in zip(got, grads()):
+        assert a.abs().max() > 0
+        torch.testing.assert_close(a, b, atol=1e-6 * b.abs().max().item(), rtol=1e-5)
+
+
+def test_scratch_buffers_are_per_name_and_per_thread():
+    """nanoseek.scratch: one reused buffer per (thread, name), grown on demand, a new one for a new dtype."""
+    import threading
+
+    from nanoseek.scratch import scratch
+
+    a = scratch("test_a", (3, 4), torch.float32).fill_(1.0)
+    b = scratch("test_b", (2, 2), torch.float32).fill_(2.0)
+    assert a.sum() == 12 and b.sum() == 8                                     # two names never alias
+    assert scratch("test_a", (2, 3), torch.float32).data_ptr() == a.data_ptr()          # reused when it fits
+    assert scratch("test_a", (2, 3), torch.float32).shape == (2, 3)
+    assert scratch("test_a", (5, 5), torch.float32).numel() == 25                       # grown
+    assert scratch("test_a", (5, 5), torch.float64).dtype == torch.float64
+    other = []
+    t = threading.Thread(target=lambda: other.append(scratch("test_b", (2, 2), torch.float32).data_ptr()))
+    t.start()
+    t.join()
+    assert other[0] != b.data_ptr()                                           # each thread has its own
+
+
 def test_v3_gate_hand_computed():
     """4 experts in 2 groups, keep 1 group, top-2. The bias moves selection to group 1, weights use raw scores."""
     cfg = _cfg(n_routed_experts=4, n_group=2, topk_group=1, num_experts_per_tok=2, hidden_size=64,

@@ -11,11 +11,10 @@ only scales them by the incoming scalar gradient.
 """
 from __future__ import annotations
 
-import threading
-
 import torch
 
 from nanoseek.hardware import fast_autocast_dtype, onednn_fp32_linear, onednn_fp32_long_k
+from nanoseek.scratch import scratch
 
 CHUNK_ELEMENTS = 2 ** 21   # logits per chunk: 256 rows x 8192 vocab = 8 MiB fp32 fits the L3 share and keeps the
 CHUNK_ROWS = 256           # matmuls near peak (CPU); never fewer rows than this, whatever the vocabulary
@@ -49,19 +48,6 @@ def _loss_and_grad_(logits, t, rw, out=None):
     return loss, g.scatter_add_(1, t, -rw)                                          # (softmax - onehot) * w
 
 
-_local = threading.local()
-
-
-def _workspace(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
-    """A CPU (rows, cols) buffer kept between calls (one per thread, grown as needed, held for the thread's life):
-    a fresh multi-MiB buffer page-faults on every call, which cost the gain of the one-matmul dL/dW (107 vs 106
-    ms for the bench_model head)."""
-    buf = getattr(_local, "buf", None)
-    if buf is None or buf.dtype != dtype or buf.numel() < rows * cols:
-        buf = _local.buf = torch.empty(rows * cols, dtype=dtype)
-    return buf[:rows * cols].view(rows, cols)
-
-
 def _onednn_fp32_grads(hidden, weight, targets, row_weight, chunk):
     """(loss, dL/dhidden, dL/dweight) for fp32 on CPU, the logits through oneDNN's linear. Each chunk's gradient
     goes into a workspace of up to WORKSPACE_BYTES rows x V; per workspace fill, dL/dh = g @ W is one matmul and
@@ -76,7 +62,8 @@ def _onednn_fp32_grads(hidden, weight, targets, row_weight, chunk):
     grad_h, grad_w = torch.empty_like(hidden), None
     for f in range(0, N, span):
         rows = min(span, N - f)
-        g = _workspace(rows, V, hidden.dtype)                                       # (rows,V)
+        # a reused buffer: a fresh 32 MiB one page-faulted away the gain of the one-matmul dL/dW (107 vs 106 ms)
+        g = scratch("head_grad", (rows, V), hidden.dtype)                           # (rows,V)
         for s in range(0, rows, chunk):
             c = min(chunk, rows - s)
             r = slice(f + s, f + s + c)
