@@ -171,7 +171,7 @@ def test_grouped_experts_gradients_match_reference():
 
 def test_scaled_swiglu_backward_matches_autograd():
     """The activation between the grouped GEMMs: silu(gate) * up * scale and its hand-written backward (both
-    gradients), against autograd through the composite, fp64."""
+    gradients), and the unscaled form the per-expert ops use, against autograd through the composite, fp64."""
     from nanoseek.model.expert_ops import scaled_swiglu, scaled_swiglu_backward
 
     g = torch.Generator().manual_seed(0)
@@ -185,6 +185,13 @@ def test_scaled_swiglu_backward_matches_autograd():
     for a, b in zip(got, torch.autograd.grad(ref, (gate_up, scale), upstream)):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
     assert scaled_swiglu_backward(upstream, gate_up.detach(), scale.detach(), want_scale=False)[1] is None
+    # the unscaled form the per-expert ops call (routing weight folded into the gradient, silu kept), into `out`
+    out = torch.empty(11, 12, dtype=torch.float64)
+    kept_silu = torch.nn.functional.silu(gate.detach())
+    got, none = scaled_swiglu_backward(upstream, gate_up.detach(), silu=kept_silu, out=out)
+    assert got is out and none is None
+    torch.testing.assert_close(got, torch.autograd.grad(torch.nn.functional.silu(gate) * up, gate_up, upstream)[0],
+                               atol=1e-12, rtol=1e-12)
 
 
 @pytest.mark.skipif(not hasattr(torch.nn.functional, "grouped_mm"), reason="this torch has no F.grouped_mm")

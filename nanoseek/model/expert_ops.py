@@ -32,35 +32,31 @@ from torch.autograd.function import once_differentiable
 from nanoseek.scratch import scratch
 
 
-def _swiglu_backward(d_h, gate_up, silu):
-    """d(silu(gate) * up) -> d(gate_up) (..., 2I) in one buffer (autograd would cat the gate and up halves)."""
-    I = silu.shape[-1]
-    d_gate_up = torch.empty_like(gate_up)
-    torch.mul(d_h, silu, out=d_gate_up[..., I:])
-    torch.ops.aten.silu_backward.grad_input(d_h * gate_up[..., I:], gate_up[..., :I], grad_input=d_gate_up[..., :I])
-    return d_gate_up
-
-
 def scaled_swiglu(gate_up: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """gate_up (S, 2I) = [gate | up], scale (S,) -> silu(gate) * up * scale (S, I), in one fresh buffer."""
     I = gate_up.shape[-1] // 2
     return F.silu(gate_up[:, :I]).mul_(gate_up[:, I:]).mul_(scale[:, None])
 
 
-def scaled_swiglu_backward(grad, gate_up, scale, want_scale: bool, out: torch.Tensor | None = None):
-    """grad (S, I) of scaled_swiglu's output -> (d gate_up (S, 2I), in `out` when given, d scale (S,) or None).
-    Both halves are built in place in the one output buffer: fresh multi-MiB buffers page-fault on CPU (a
-    backward with fresh temporaries made the whole step 2-3% slower, A/B)."""
+def scaled_swiglu_backward(grad, gate_up, scale=None, want_scale: bool = False, out: torch.Tensor | None = None,
+                           silu: torch.Tensor | None = None):
+    """grad (S, I) of scaled_swiglu's output -> (d gate_up (S, 2I), in `out` when given; d scale (S,) or None).
+    scale None: the gradient of the unscaled silu(gate) * up (callers that fold the routing weight into grad).
+    silu: silu(gate) where the caller kept it, else recomputed. Both halves are built in place in the one output
+    buffer (autograd would cat them): fresh multi-MiB buffers page-fault on CPU (a backward with fresh
+    temporaries made the whole step 2-3% slower, A/B)."""
     I = gate_up.shape[-1] // 2
-    gate, up, sc = gate_up[:, :I], gate_up[:, I:], scale[:, None]
-    silu = F.silu(gate)
+    gate, up = gate_up[:, :I], gate_up[:, I:]
+    silu = F.silu(gate) if silu is None else silu
     d_gate_up = torch.empty_like(gate_up) if out is None else out
     d_gate, d_up = d_gate_up[:, :I], d_gate_up[:, I:]
     torch.mul(grad, silu, out=d_up)                                                 # d(h)/d(up) * grad
     grad_scale = (d_up * up).sum(-1) if want_scale else None                        # grad . silu * up
-    d_up.mul_(sc)
-    torch.mul(grad, up, out=d_gate).mul_(sc)
-    torch.ops.aten.silu_backward.grad_input(d_gate, gate, grad_input=d_gate)
+    torch.mul(grad, up, out=d_gate)
+    if scale is not None:
+        d_up.mul_(scale[:, None])
+        d_gate.mul_(scale[:, None])
+    torch.ops.aten.silu_backward.grad_input(d_gate, gate, grad_input=d_gate)        # in place: elementwise
     return d_gate_up, grad_scale
 
 
@@ -154,7 +150,7 @@ class ExpertLoop(torch.autograd.Function):
             d_h = go @ w_down[e]                                                       # d(h * scale) (n,I)
             if want_scale:
                 torch.sum(d_h * h, dim=-1, out=grad_scale[rows])
-            d_gate_up = _swiglu_backward(d_h.mul_(sc), gu, silu)                       # (n,2I)
+            d_gate_up = scaled_swiglu_backward(d_h.mul_(sc), gu, silu=silu)[0]         # (n,2I)
             if want_gu:
                 torch.mm(d_gate_up.t(), x.index_select(0, tok), out=grad_gu[e])        # (2I,H)
             if want_x:
@@ -257,7 +253,7 @@ class ExpertBatched(torch.autograd.Function):
             grad_down = _grouped_bmm(spans, go, h_scaled, w_down.new_empty(w_down.shape), transpose_a=True)
         d_h = _grouped_bmm(spans, go, w_down, h.new_empty(h.shape))                             # (R,I)
         grad_scale = (d_h * h).sum(-1).index_select(0, row) if want_scale else None            # (S,)
-        d_gate_up = _swiglu_backward(d_h.mul_(scale_pad), gate_up, silu)                        # (R,2I)
+        d_gate_up = scaled_swiglu_backward(d_h.mul_(scale_pad), gate_up, silu=silu)[0]          # (R,2I)
         if want_gu:
             grad_gu = _grouped_bmm(spans, d_gate_up, x_pad, w_gate_up.new_empty(w_gate_up.shape), transpose_a=True)
         if want_x:                                                    # padding rows carry zero d_gate_up
