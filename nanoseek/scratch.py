@@ -25,5 +25,5 @@ def scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tens
     n = math.prod(shape)
     buf = buffers.get(name)
     if buf is None or buf.dtype != dtype or buf.numel() < n:
-        buf = buffers[name] = torch.empty(n, dtype=dtype)
+        buf = buffers[name] = torch.empty(n, dtype=dtype, device="cpu")
     return buf[:n].view(shape)
