@@ -19,12 +19,10 @@ import time
 
 import torch
 
-import nanoseek
 from nanoseek.accounting import count_params
 from nanoseek.train.loop import matmul_peak_flops
 
-from common import (add_precision_argument, bench_config, hf_twin, next_token_loss,  # noqa: E402  (scripts)
-                    pair_ratio_range)
+from common import add_run_arguments, next_token_loss, pair_ratio_range, twin_models  # noqa: E402  (scripts)
 
 
 def step(model, ids, autocast_dtype) -> tuple[float, float]:
@@ -44,18 +42,11 @@ def main():
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--iters", type=int, default=8, help="timed steps per side and precision (after --warmup)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (oneDNN builds a kernel per new bf16 "
-                   "matmul shape: more warm-up measures the steady state)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    add_precision_argument(p)
+    add_run_arguments(p)
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     import transformers
 
-    cfg = bench_config(args.vocab)
-    with hf_twin(cfg) as (hf, d):                   # same weights on both sides, through the real converter
-        ours = nanoseek.load_model(d)
+    cfg, hf, ours = twin_models(args)               # same weights on both sides, through the real converter
     hf.train(), ours.train()
     pc = count_params(cfg)
     tokens = args.batch * args.seq

@@ -21,7 +21,6 @@ import time
 
 import torch
 
-import nanoseek
 from nanoseek.accounting import count_params, flops_per_token
 from nanoseek.data.pretrain import PretrainLoader, synthetic_corpus
 from nanoseek.tokenizer import train_tokenizer
@@ -29,8 +28,7 @@ from nanoseek.train.balance import LoadBalancer
 from nanoseek.train.loop import autocast, matmul_peak_flops
 from nanoseek.train.optim import build_optimizer, clip_grad_norm
 
-from common import (add_precision_argument, bench_config, hf_twin, next_token_loss,  # noqa: E402  (scripts)
-                    pair_ratio_range)
+from common import add_run_arguments, next_token_loss, pair_ratio_range, twin_models  # noqa: E402  (scripts)
 
 CPU = torch.device("cpu")
 
@@ -66,19 +64,12 @@ def main():
     p.add_argument("--seq", type=int, default=256, help="tokens per sequence")
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--steps", type=int, default=8, help="timed steps per side and precision (after --warmup)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (oneDNN builds a kernel per new bf16 "
-                   "matmul shape: more warm-up measures the steady state)")
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    add_precision_argument(p)
+    add_run_arguments(p)
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     import transformers
 
-    cfg = bench_config(args.vocab)
-    with hf_twin(cfg) as (hf, d):                   # same weights on both sides, through the real converter
-        ours = nanoseek.load_model(d)
+    cfg, hf, ours = twin_models(args)               # same weights on both sides, through the real converter
     sides = {"ours": Side(ours, args.lr, LoadBalancer(ours)), "hf": Side(hf, args.lr)}
 
     tok = train_tokenizer(texts=synthetic_corpus(4000, seed=0), vocab_size=args.vocab, show_progress=False)

@@ -51,7 +51,21 @@ def pair_ratio_range(ours: list[float], theirs: list[float]) -> str:
     return f"{q[0]:.2f}-{q[2]:.2f}"
 
 
-def add_precision_argument(parser) -> None:
-    """--precision both|fp32|bf16, shared by bench_model and bench_train."""
+def add_run_arguments(parser) -> None:
+    """--warmup, --threads and --precision both|fp32|bf16, shared by bench_model and bench_train."""
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (oneDNN builds a kernel per new "
+                        "bf16 matmul shape: more warm-up measures the steady state)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--precision", choices=["both", "fp32", "bf16"], default="both",
                         help="which precisions to run (bf16 autocast crawls on CPUs without hardware bf16 matmuls)")
+
+
+def twin_models(args):
+    """Apply --threads, then (config, transformers model, nanoseek model) with the same weights, the nanoseek side
+    loaded from the transformers one's save through the real converter."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = bench_config(args.vocab)
+    with hf_twin(cfg) as (hf, d):
+        ours = nanoseek.load_model(d)
+    return cfg, hf, ours
