@@ -36,14 +36,16 @@ def _mm_nt(a: torch.Tensor, b: torch.Tensor, onednn: bool, out: torch.Tensor | N
     return result if out is None else out.copy_(result)
 
 
-def _loss_and_grad_(logits, t, rw, out=None):
+def _loss_and_grad_(logits, t, rw, out=None, want_grad: bool = True):
     """logits (c,V) fp32, overwritten; t (c,1) targets; rw (c,1) row weights -> (sum of the rows' weighted CE,
-    gradient (softmax - onehot) * rw (c,V), in `out` when given, else in logits' memory)."""
+    gradient (softmax - onehot) * rw (c,V), in `out` when given, else in logits' memory; None without want_grad)."""
     target_logit = logits.gather(1, t)                                              # (c,1)
     peak = logits.amax(dim=-1, keepdim=True)
     e = logits.sub_(peak).exp_()                                                    # in place: exp(z - max)
     total = e.sum(dim=-1, keepdim=True)
     loss = ((peak + total.log() - target_logit) * rw).sum()                         # logsumexp - z_target
+    if not want_grad:                                                               # no two more (c,V) passes
+        return loss, None
     g = torch.mul(e, rw / total, out=out) if out is not None else e.mul_(rw / total)   # softmax * w
     return loss, g.scatter_add_(1, t, -rw)                                          # (softmax - onehot) * w
 
@@ -114,7 +116,7 @@ def _chunks(hidden, weight, targets, row_weight, chunk, want_grad):
             logits = logits_buf[:c].copy_(torch.mm(h, weight.t(), out=low_c))          # (c,V) fp32
         else:
             logits = _mm_nt(h, weight, onednn, out=None if onednn else logits_buf[:c])  # (c,V) fp32 (or fp64)
-        part, g = _loss_and_grad_(logits, t, rw)
+        part, g = _loss_and_grad_(logits, t, rw, want_grad=want_grad)
         loss += part
         if want_grad:
             if low:
