@@ -208,13 +208,13 @@ class ExpertBatched(torch.autograd.Function):
         groups = [sorted(g) for g in batch_groups(sizes)]        # by expert id: one group needs no weight copies
         E, S, N, dev = len(sizes), token.shape[0], x.shape[0], x.device
         block_expert = [e for g in groups for e in g]                                   # (M,)
-        spans, rows, first_row = [], 0, [0] * E                 # per group: (first block, blocks, first row, C)
+        spans, blocks, rows, first_row = [], 0, 0, [0] * E      # per group: (first block, blocks, first row, C)
         for g in groups:
             C = _padded(max(sizes[e] for e in g))
-            spans.append((len(spans) and spans[-1][0] + spans[-1][1], len(g), rows, C))
+            spans.append((blocks, len(g), rows, C))
             for k, e in enumerate(g):
                 first_row[e] = rows + k * C
-            rows += len(g) * C
+            blocks, rows = blocks + len(g), rows + len(g) * C
         counts = torch.tensor(sizes, device=dev)
         expert = torch.repeat_interleave(torch.arange(E, device=dev), counts)                  # (S,)
         rank = torch.arange(S, device=dev) - (counts.cumsum(0) - counts)[expert]               # slot within expert
