@@ -67,6 +67,33 @@ def test_fused_head_cross_entropy_matches_logits_path(chunk, workspace_chunks, g
         linear_ce.CHUNK_ROWS, linear_ce.CHUNK_ELEMENTS, linear_ce.WORKSPACE_BYTES = old
 
 
+def test_fused_head_loss_stays_exact_when_the_target_probability_underflows(monkeypatch):
+    """The CPU fp32 head scores a row as -log softmax[target]; where that probability is below what fp32 holds
+    precisely (a target logit ~150 below the row's best) the row's loss comes from logsumexp - logit instead.
+    Checked on the row routine itself (fp32 against fp64 log-softmax) and through cross_entropy's fused path."""
+    from nanoseek.train import linear_ce
+    g = torch.Generator().manual_seed(0)
+    N, H, V = 6, 8, 64
+    hidden = torch.randn(N, H, generator=g)
+    head = torch.randn(V, H, generator=g) * 40                                    # logits spread over ~±300
+    logits = hidden @ head.t()
+    targets = logits.argmin(-1)                                                   # p[target] ~ exp(-300): 0 in fp32
+    targets[0] = logits[0].argmax()                                               # and one ordinary row
+    loss, grad = linear_ce._softmax_grad_(logits.clone(), targets[:, None], out=torch.empty(N, V))
+    ref = -torch.log_softmax(logits.double(), -1).gather(1, targets[:, None])
+    assert ref[1:].min() > 110                  # exp(-110) < 2^-149: these rows underflow in fp32
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-6, atol=1e-6)
+    onehot = torch.nn.functional.one_hot(targets, V)
+    torch.testing.assert_close(grad, torch.softmax(logits, -1) - onehot, rtol=0, atol=1e-7)
+
+    monkeypatch.setattr(linear_ce, "CHUNK_ROWS", 4)
+    monkeypatch.setattr(linear_ce, "CHUNK_ELEMENTS", 0)                           # 4-row chunks: the CPU path
+    h, w = hidden.clone().requires_grad_(), head.clone().requires_grad_()
+    got = cross_entropy(h[None], targets[None], head_weight=w)                    # (1,N,H): one sequence
+    assert torch.isfinite(got)
+    torch.testing.assert_close(got.double(), ref.mean(), rtol=1e-6, atol=0)
+
+
 def test_fused_head_stays_fp32_under_autocast_without_hardware_bf16(monkeypatch):
     """On a CPU without hardware bf16 the fused head ignores bf16 autocast (emulated bf16 matmuls run 1-12
     GFLOP/s): the loss and both gradients are bitwise the fp32 ones."""

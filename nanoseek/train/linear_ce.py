@@ -50,13 +50,35 @@ def _loss_and_grad_(logits, t, rw, out=None, want_grad: bool = True):
     return loss, g.scatter_add_(1, t, -rw)                                          # (softmax - onehot) * w
 
 
+def _softmax_grad_(logits, t, out):
+    """logits (c,V) fp32 (kept), t (c,1) targets -> (per-row CE (c,1), softmax - onehot (c,V) in `out`).
+    torch.softmax works row by row (one 32 KiB row of an 8192 vocabulary stays in L1 across its max, exp-sum and
+    scale), where _loss_and_grad_'s whole-chunk amax, sub, exp, sum and scale stream the chunk through memory
+    five times: 4.1 -> 2.0 ms a 256 x 8192 chunk, the whole bench_model step 1.5% faster (AVX2, interleaved).
+    The loss is -log p[target]; a row whose p[target] is too small for fp32 to hold precisely takes
+    logsumexp - logit from its kept logits instead, so the value stays exact (CPU only: that check syncs)."""
+    p = torch.softmax(logits, -1, out=out)
+    p_target = p.gather(1, t)                                                       # (c,1)
+    loss = p_target.log().neg_()
+    tiny = p_target < _TINY_P
+    if tiny.any():
+        rows = tiny[:, 0].nonzero()[:, 0]
+        loss[rows] = logits[rows].logsumexp(-1, keepdim=True) - logits[rows].gather(1, t[rows])
+    return loss, p.scatter_add_(1, t, torch.full_like(p_target, -1.0))
+
+
+_TINY_P = 2.0 ** -100     # far above fp32's subnormals (2^-126): log of a normal p is exact to ~1e-7 relative
+
+
 def _onednn_fp32_grads(hidden, weight, targets, row_weight, chunk):
     """(loss, dL/dhidden, dL/dweight) for fp32 on CPU, the logits through oneDNN's linear. Each chunk's gradient
-    goes into a workspace of up to WORKSPACE_BYTES rows x V; per workspace fill, dL/dh = g @ W is one matmul and
-    dL/dW one matmul with the fill's rows as its inner dimension. Those two run on oneDNN or MKL, whichever
-    `onednn_fp32_long_k` says is faster on this CPU: on AVX-512 oneDNN's (H,V) = h^T @ g, transposed at the end,
-    ran ~180 GFLOP/s where MKL's chunk-by-chunk g^T @ h accumulation ran ~120 (the bench_model head 110 -> 96 ms,
-    interleaved, caches flushed between); on AVX2 MKL's g @ W and g^T @ h win (147 -> 123 ms)."""
+    softmax - onehot (`_softmax_grad_`) goes into a workspace of up to WORKSPACE_BYTES rows x V; per workspace
+    fill, dL/dh = (g @ W) * w and dL/dW = g^T @ (h * w) are one matmul each (w the row weights, applied to the
+    (rows, H) sides rather than to the (rows, V) gradient), with the fill's rows as dL/dW's inner dimension.
+    Those two run on oneDNN or MKL, whichever `onednn_fp32_long_k` says is faster on this CPU: on AVX-512 oneDNN's
+    (H,V) = h^T @ g, transposed at the end, ran ~180 GFLOP/s where MKL's chunk-by-chunk g^T @ h accumulation ran
+    ~120 (the bench_model head 110 -> 96 ms, interleaved, caches flushed between); on AVX2 MKL's g @ W and
+    g^T @ h win (147 -> 123 ms)."""
     N, V = hidden.shape[0], weight.shape[0]
     span = min(N, max(chunk, WORKSPACE_BYTES // (4 * V) // chunk * chunk))          # rows per fill: whole chunks
     grads_onednn = onednn_fp32_long_k()
@@ -69,16 +91,16 @@ def _onednn_fp32_grads(hidden, weight, targets, row_weight, chunk):
         for s in range(0, rows, chunk):
             c = min(chunk, rows - s)
             r = slice(f + s, f + s + c)
-            part, _ = _loss_and_grad_(_mm_nt(hidden[r], weight, onednn=True), targets[r, None],
-                                      row_weight[r, None], out=g[s:s + c])
-            loss += part
-        h = hidden[f:f + rows]
+            part, _ = _softmax_grad_(_mm_nt(hidden[r], weight, onednn=True), targets[r, None], out=g[s:s + c])
+            loss += (part * row_weight[r, None]).sum()
+        w = row_weight[f:f + rows, None]                                            # (rows,1)
+        h = hidden[f:f + rows] * w                                                  # (rows,H): rows weighted
         if grads_onednn:
-            _mm_nt(g, weight.t(), onednn=True, out=grad_h[f:f + rows])              # dL/dh = g @ W
-            part_w = _mm_nt(h.t().contiguous(), g.t(), onednn=True)                 # (H,V) = h^T @ g
+            _mm_nt(g, weight.t(), onednn=True, out=grad_h[f:f + rows]).mul_(w)     # dL/dh = (g @ W) * w
+            part_w = _mm_nt(h.t().contiguous(), g.t(), onednn=True)                 # (H,V) = (h * w)^T @ g
             grad_w = part_w if grad_w is None else grad_w.add_(part_w)
         else:
-            torch.mm(g, weight, out=grad_h[f:f + rows])                             # dL/dh = g @ W
+            torch.mm(g, weight, out=grad_h[f:f + rows]).mul_(w)                     # dL/dh = (g @ W) * w
             grad_w = torch.mm(g.t(), h) if grad_w is None else grad_w.addmm_(g.t(), h)   # (V,H)
     return loss, grad_h, grad_w.t().contiguous() if grads_onednn else grad_w
 
