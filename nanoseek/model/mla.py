@@ -86,8 +86,11 @@ class MLA(nn.Module):
         S = c.shape[1]
         kv = self.kv_b_proj(c).view(B, S, nh, self.dn + self.dv)
         k_nope, v = kv.split([self.dn, self.dv], dim=-1)
-        q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)                           # (B,nh,T,dn+dr)
-        k = torch.cat([k_nope, k_pe[:, :, None, :].expand(B, S, nh, self.dr)], dim=-1).transpose(1, 2)
+        # the concatenations write q and k head-major, (B,nh,T,d) contiguous, at no extra cost: SDPA's CPU flash
+        # kernel runs faster on that layout than on (B,T,nh,d) transposed views (the whole bench_model step
+        # 1.7-3.1% faster, four interleaved A/Bs; the same gradients bit for bit)
+        q = torch.cat([q_nope.transpose(1, 2), q_pe.transpose(1, 2)], dim=-1)            # (B,nh,T,dn+dr)
+        k = torch.cat([k_nope.transpose(1, 2), k_pe[:, None].expand(B, nh, S, self.dr)], dim=-1)
         v = v.transpose(1, 2)                                                           # (B,nh,S,dv)
         dtype = q.dtype
         if not q.is_cuda:
