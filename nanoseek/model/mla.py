@@ -88,7 +88,7 @@ class MLA(nn.Module):
         k_nope, v = kv.split([self.dn, self.dv], dim=-1)
         # the concatenations write q and k head-major, (B,nh,T,d) contiguous, at no extra cost: SDPA's CPU flash
         # kernel runs faster on that layout than on (B,T,nh,d) transposed views (the whole bench_model step
-        # 1.7-3.1% faster, four interleaved A/Bs; the same gradients bit for bit)
+        # 1.7-3.1% faster, three interleaved A/Bs; the same gradients bit for bit)
         q = torch.cat([q_nope.transpose(1, 2), q_pe.transpose(1, 2)], dim=-1)            # (B,nh,T,dn+dr)
         k = torch.cat([k_nope.transpose(1, 2), k_pe[:, None].expand(B, nh, S, self.dr)], dim=-1)
         v = v.transpose(1, 2)                                                           # (B,nh,S,dv)
