@@ -227,6 +227,7 @@ def test_cpu_fp32_experts_take_grouped_mm_and_match_the_loop(monkeypatch):
     monkeypatch.undo()
     assert not moe._use_grouped_mm(x.double(), ex.gate_up_proj.double())
 
+
 @pytest.mark.skipif(not hasattr(torch.nn.functional, "grouped_mm"), reason="this torch has no F.grouped_mm")
 def test_stacked_grouped_experts_reuse_scratch_exactly(monkeypatch):
     """Two MoE layers in one graph: both backwards run the grouped op on CPU, which takes its temporaries from the

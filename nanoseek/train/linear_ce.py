@@ -36,9 +36,9 @@ def _mm_nt(a: torch.Tensor, b: torch.Tensor, onednn: bool, out: torch.Tensor | N
     return result if out is None else out.copy_(result)
 
 
-def _loss_and_grad_(logits, t, rw, out=None, want_grad: bool = True):
+def _loss_and_grad_(logits, t, rw, want_grad: bool = True):
     """logits (c,V) fp32, overwritten; t (c,1) targets; rw (c,1) row weights -> (sum of the rows' weighted CE,
-    gradient (softmax - onehot) * rw (c,V), in `out` when given, else in logits' memory; None without want_grad)."""
+    gradient (softmax - onehot) * rw (c,V) in logits' memory, or None without want_grad)."""
     target_logit = logits.gather(1, t)                                              # (c,1)
     peak = logits.amax(dim=-1, keepdim=True)
     e = logits.sub_(peak).exp_()                                                    # in place: exp(z - max)
@@ -46,8 +46,10 @@ def _loss_and_grad_(logits, t, rw, out=None, want_grad: bool = True):
     loss = ((peak + total.log() - target_logit) * rw).sum()                         # logsumexp - z_target
     if not want_grad:                                                               # no two more (c,V) passes
         return loss, None
-    g = torch.mul(e, rw / total, out=out) if out is not None else e.mul_(rw / total)   # softmax * w
-    return loss, g.scatter_add_(1, t, -rw)                                          # (softmax - onehot) * w
+    return loss, e.mul_(rw / total).scatter_add_(1, t, -rw)                         # (softmax - onehot) * w
+
+
+_TINY_P = 2.0 ** -100     # far above fp32's subnormals (2^-126): log of a normal p is exact to ~1e-7 relative
 
 
 def _softmax_grad_(logits, t, out):
@@ -63,11 +65,9 @@ def _softmax_grad_(logits, t, out):
     tiny = p_target < _TINY_P
     if tiny.any():
         rows = tiny[:, 0].nonzero()[:, 0]
-        loss[rows] = logits[rows].logsumexp(-1, keepdim=True) - logits[rows].gather(1, t[rows])
+        z = logits[rows]                                                            # (rows,V)
+        loss[rows] = z.logsumexp(-1, keepdim=True) - z.gather(1, t[rows])
     return loss, p.scatter_add_(1, t, torch.full_like(p_target, -1.0))
-
-
-_TINY_P = 2.0 ** -100     # far above fp32's subnormals (2^-126): log of a normal p is exact to ~1e-7 relative
 
 
 def _onednn_fp32_grads(hidden, weight, targets, row_weight, chunk):
