@@ -89,10 +89,9 @@ def test_expert_ops_match_per_expert_autograd(sizes, op_name):
         params = [p.detach().float().requires_grad_() for p in params]
         x, w_gu, w_down, scale = params
         sizes = torch.tensor(sizes).cumsum(0).to(torch.int32)                # the op takes offsets
-        proj, tol, relative_atol = proj.float(), 1e-5, True             # fp32: atol scales with each gradient
+        proj, tol, relative_atol = proj.float(), 1e-5, True             # fp32: atol scales with each tensor
     out = getattr(expert_ops, op_name).apply(x, token, w_gu, w_down, scale, sizes)
-    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
-    for a, b in zip(torch.autograd.grad((out * proj).sum(), params), ref_grads):
+    for a, b in zip([out, *torch.autograd.grad((out * proj).sum(), params)], [ref, *ref_grads]):
         atol = tol * b.abs().max().item() if relative_atol else tol
         torch.testing.assert_close(a.double(), b, atol=atol, rtol=tol)
 
@@ -181,10 +180,17 @@ def test_scaled_swiglu_backward_matches_autograd():
     gate, up = gate_up.chunk(2, dim=-1)
     ref = torch.nn.functional.silu(gate) * up * scale[:, None]
     torch.testing.assert_close(scaled_swiglu(gate_up.detach(), scale.detach()), ref, atol=1e-12, rtol=0)
+    expected = torch.autograd.grad(ref, (gate_up, scale), upstream, retain_graph=True)
     got = scaled_swiglu_backward(upstream, gate_up.detach(), scale.detach(), want_scale=True)
-    for a, b in zip(got, torch.autograd.grad(ref, (gate_up, scale), upstream)):
+    for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
     assert scaled_swiglu_backward(upstream, gate_up.detach(), scale.detach(), want_scale=False)[1] is None
+    # with sigmoid(gate) kept by the forward, the backward's products stand in for silu and silu_backward
+    h, sigmoid = scaled_swiglu(gate_up.detach(), scale.detach(), keep_sigmoid=True)
+    torch.testing.assert_close(h, ref, atol=1e-12, rtol=0)
+    got = scaled_swiglu_backward(upstream, gate_up.detach(), scale.detach(), want_scale=True, sigmoid=sigmoid)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
     # the unscaled form the per-expert ops call (routing weight folded into the gradient, silu kept), into `out`
     out = torch.empty(11, 12, dtype=torch.float64)
     kept_silu = torch.nn.functional.silu(gate.detach())
