@@ -24,15 +24,15 @@ def test_cross_entropy_by_hand():
     assert cross_entropy(logits.bfloat16(), targets).dtype == torch.float32
 
 
-@pytest.mark.parametrize("chunk,workspace_chunks,grads_onednn",
+@pytest.mark.parametrize("chunk,workspace_chunks,grad_h_onednn",
                          [(7, None, None), (256, None, None), (7, 2, True), (7, 2, False)])
-def test_fused_head_cross_entropy_matches_logits_path(chunk, workspace_chunks, grads_onednn, monkeypatch):
+def test_fused_head_cross_entropy_matches_logits_path(chunk, workspace_chunks, grad_h_onednn, monkeypatch):
     """`head_weight` fuses the vocabulary projection into the loss chunk by chunk (train.linear_ce): the same
     value and gradients as lm_head -> logits -> CE, with a mask, a global normalizer, an MTP depth, chunks that
     do not divide the rows, and bf16 autocast (where both sides round the matmuls to bf16). On x86 CPUs fp32
     runs the oneDNN path; `workspace_chunks` shrinks its gradient workspace to that many chunks, so its matmuls
-    run per fill and dL/dW accumulates across fills; `grads_onednn` picks that path's gradient matmuls (oneDNN
-    on AVX-512, MKL on AVX2: both are checked on any x86 machine)."""
+    run per fill and dL/dW accumulates across fills; `grad_h_onednn` picks that path's dL/dh matmul (oneDNN on
+    AVX-512, MKL on AVX2: both are checked on any x86 machine)."""
     g = torch.Generator().manual_seed(0)
     B, T, H, V = 3, 11, 16, 97
     hidden = torch.randn(B, T, H, generator=g, requires_grad=True)
@@ -42,8 +42,8 @@ def test_fused_head_cross_entropy_matches_logits_path(chunk, workspace_chunks, g
     mtp_hidden = [torch.randn(B, T, H, generator=g, requires_grad=True)]
     counts = target_counts(mask, 1) * 2                                   # another micro-batch holds as many
     from nanoseek.train import linear_ce
-    if grads_onednn is not None:
-        monkeypatch.setattr(linear_ce, "onednn_fp32_long_k", lambda: grads_onednn)
+    if grad_h_onednn is not None:
+        monkeypatch.setattr(linear_ce, "onednn_fp32_long_k", lambda: grad_h_onednn)
     old = linear_ce.CHUNK_ROWS, linear_ce.CHUNK_ELEMENTS, linear_ce.WORKSPACE_BYTES
     linear_ce.CHUNK_ROWS, linear_ce.CHUNK_ELEMENTS = chunk, 0                # exactly `chunk` rows a chunk
     if workspace_chunks:

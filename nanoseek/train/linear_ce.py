@@ -75,13 +75,13 @@ def _onednn_fp32_grads(hidden, weight, targets, row_weight, chunk):
     softmax - onehot (`_softmax_grad_`) goes into a workspace of up to WORKSPACE_BYTES rows x V; per workspace
     fill, dL/dh = (g @ W) * w and dL/dW = g^T @ (h * w) are one matmul each (w the row weights, applied to the
     (rows, H) sides rather than to the (rows, V) gradient), with the fill's rows as dL/dW's inner dimension.
-    Those two run on oneDNN or MKL, whichever `onednn_fp32_long_k` says is faster on this CPU: on AVX-512 oneDNN's
-    (H,V) = h^T @ g, transposed at the end, ran ~180 GFLOP/s where MKL's chunk-by-chunk g^T @ h accumulation ran
-    ~120 (the bench_model head 110 -> 96 ms, interleaved, caches flushed between); on AVX2 MKL's g @ W and
-    g^T @ h win (147 -> 123 ms)."""
+    dL/dW is oneDNN's (H,V) = h^T @ g, transposed at the end: on AVX-512 it ran ~180 GFLOP/s where MKL's
+    g^T @ h ran ~120 (the bench_model head 110 -> 96 ms, interleaved, caches flushed between), and on AVX2
+    (Zen 3 EPYC, stop 22) 109-118 vs 75-88 GFLOP/s, the head + loss fwd+bwd 4.7-5.6% faster (interleaved, three
+    runs). dL/dh runs on oneDNN or MKL, whichever `onednn_fp32_long_k` says is faster on this CPU."""
     N, V = hidden.shape[0], weight.shape[0]
     span = min(N, max(chunk, WORKSPACE_BYTES // (4 * V) // chunk * chunk))          # rows per fill: whole chunks
-    grads_onednn = onednn_fp32_long_k()
+    grad_h_onednn = onednn_fp32_long_k()
     loss = torch.zeros((), dtype=hidden.dtype)
     grad_h, grad_w = torch.empty_like(hidden), None
     for f in range(0, N, span):
@@ -95,14 +95,10 @@ def _onednn_fp32_grads(hidden, weight, targets, row_weight, chunk):
             loss += (part * row_weight[r, None]).sum()
         w = row_weight[f:f + rows, None]                                            # (rows,1)
         h = hidden[f:f + rows] * w                                                  # (rows,H): rows weighted
-        if grads_onednn:
-            _mm_nt(g, weight.t(), onednn=True, out=grad_h[f:f + rows]).mul_(w)     # dL/dh = (g @ W) * w
-            part_w = _mm_nt(h.t().contiguous(), g.t(), onednn=True)                 # (H,V) = (h * w)^T @ g
-            grad_w = part_w if grad_w is None else grad_w.add_(part_w)
-        else:
-            torch.mm(g, weight, out=grad_h[f:f + rows]).mul_(w)                     # dL/dh = (g @ W) * w
-            grad_w = torch.mm(g.t(), h) if grad_w is None else grad_w.addmm_(g.t(), h)   # (V,H)
-    return loss, grad_h, grad_w.t().contiguous() if grads_onednn else grad_w
+        _mm_nt(g, weight.t(), onednn=grad_h_onednn, out=grad_h[f:f + rows]).mul_(w)  # dL/dh = (g @ W) * w
+        part_w = _mm_nt(h.t().contiguous(), g.t(), onednn=True)                     # (H,V) = (h * w)^T @ g
+        grad_w = part_w if grad_w is None else grad_w.add_(part_w)
+    return loss, grad_h, grad_w.t().contiguous()
 
 
 def _chunks(hidden, weight, targets, row_weight, chunk, want_grad):
