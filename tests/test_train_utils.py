@@ -15,6 +15,7 @@ from nanoseek.checkpoint import native
 from nanoseek.errors import CheckpointError, ConfigError
 from nanoseek.recipes.pretrain import PretrainConfig
 from nanoseek.train.balance import LoadBalancer
+from nanoseek.train.losses import sequence_balance_loss
 from nanoseek.train.config import add_config_arguments, config_from_args
 from nanoseek.train.metrics import MetricsLog, plot_curves, read_metrics
 from nanoseek.train.optim import build_optimizer, clip_grad_norm, param_groups
@@ -222,6 +223,29 @@ def test_load_balancer_counts_and_moves_biases():
     with pytest.raises(RuntimeError, match="before collect"):
         bal.step(gamma=0.01)
 
+
+
+def test_load_balancer_loss_over_all_layers_is_the_per_layer_sum():
+    """collect() scores every layer's sequence-wise balance loss in one pass over the layers stacked along the
+    batch: the same value and gate gradients as summing `sequence_balance_loss` layer by layer, with a mask and a
+    normalizer (main and MTP layers alike)."""
+    cfg = nanoseek.ModelConfig.from_name("tiny")
+    model = nanoseek.build_model(cfg)
+    bal = LoadBalancer(model)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, cfg.vocab_size, (3, 12), generator=g)
+    mask = (torch.rand(3, 12, generator=g) > 0.3).long()
+    gates = [moe.gate.weight for moe in bal.layers]
+
+    model(ids, return_mtp=True)
+    routing = [moe.routing for moe in bal.layers]
+    expected = 0.01 * sum(sequence_balance_loss(s, i, mask, normalizer=5) for s, i in routing)
+    expected_grads = torch.autograd.grad(expected, gates, retain_graph=True)
+    got = bal.collect(mask, alpha=0.01, normalizer=5)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
+    for a, b in zip(torch.autograd.grad(got, gates), expected_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-9)
+    assert [x.sum().item() for x in bal.loads] == [mask.sum().item() * cfg.num_experts_per_tok] * len(gates)
 
 def test_tune_allocator_applies_on_glibc():
     import platform

@@ -60,17 +60,27 @@ class LoadBalancer:
     def collect(self, mask: torch.Tensor | None, alpha: float, normalizer: float | None = None) -> torch.Tensor:
         """Read the routing of the forward pass just run. mask (B,T) tokens that count; normalizer: sequences
         the balance loss is averaged over (default: this batch's B). Returns a scalar loss (alpha x sum)."""
-        loss = torch.zeros((), dtype=torch.float32)
-        for i, moe in enumerate(self.layers):
+        routing = []
+        for moe in self.layers:
             if moe.routing is None:
                 raise RuntimeError("MoE layer did not record its routing: was the forward pass run?")
-            scores, indices = moe.routing                                                   # (B,T,E), (B,T,K)
+            routing.append(moe.routing)                                                     # (B,T,E), (B,T,K)
             moe.routing = None                                                              # free the graph ref
-            # kept on the device (no sync per micro-batch); NCCL all-reduces device tensors
-            self.loads[i] = self.loads[i] + expert_load(indices, scores.shape[-1], mask)
-            if alpha > 0:
-                loss = loss.to(scores.device) + alpha * sequence_balance_loss(scores, indices, mask, normalizer)
-        return loss
+        scores, indices = [s for s, _ in routing], [i for _, i in routing]
+        # kept on the device (no sync per micro-batch); NCCL all-reduces device tensors
+        loads = [expert_load(i, s.shape[-1], mask) for s, i in zip(scores, indices)]
+        self.loads = [acc + load for acc, load in zip(self.loads, loads)]
+        if alpha <= 0 or not scores:
+            return torch.zeros((), dtype=torch.float32)
+        if len({s.shape for s in scores}) == 1:
+            # every layer at once: the sum over layers is the sum over their sequences stacked along the batch,
+            # each layer's divided by the same normalizer; ~15 small ops instead of ~15 per layer (the 7-layer
+            # bench config's balance loss fwd+bwd 4.8 -> 2.7 ms)
+            B = scores[0].shape[0]
+            return alpha * sequence_balance_loss(torch.cat(scores), torch.cat(indices),
+                                                 None if mask is None else mask.repeat(len(scores), 1),
+                                                 B if normalizer is None else normalizer)
+        return alpha * sum(sequence_balance_loss(s, i, mask, normalizer) for s, i in zip(scores, indices))
 
     def step(self, gamma: float, all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
         """Sum loads over ranks, b += gamma * sign(mean - load) where the gate has a bias (noaux_tc), reset the
