@@ -69,8 +69,9 @@ def test_fused_head_cross_entropy_matches_logits_path(chunk, workspace_chunks, g
 
 def test_fused_head_loss_stays_exact_when_the_target_probability_underflows(monkeypatch):
     """The CPU fp32 head scores a row as -log softmax[target]; where that probability is below what fp32 holds
-    precisely (below 2^-100: a target logit ~70 below the row's logsumexp) the row's loss comes from logsumexp - logit instead.
-    Checked on the row routine itself (fp32 against fp64 log-softmax) and through cross_entropy's fused path."""
+    precisely (below 2^-100: a target logit ~70 below the row's logsumexp) the row's loss comes from
+    logsumexp - logit instead. Checked on the row routine itself (fp32 against fp64 log-softmax) and through
+    cross_entropy's fused path."""
     from nanoseek.train import linear_ce
     g = torch.Generator().manual_seed(0)
     N, H, V = 6, 8, 64

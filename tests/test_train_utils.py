@@ -15,8 +15,8 @@ from nanoseek.checkpoint import native
 from nanoseek.errors import CheckpointError, ConfigError
 from nanoseek.recipes.pretrain import PretrainConfig
 from nanoseek.train.balance import LoadBalancer
-from nanoseek.train.losses import sequence_balance_loss
 from nanoseek.train.config import add_config_arguments, config_from_args
+from nanoseek.train.losses import sequence_balance_loss
 from nanoseek.train.metrics import MetricsLog, plot_curves, read_metrics
 from nanoseek.train.optim import build_optimizer, clip_grad_norm, param_groups
 from nanoseek.train.schedules import lr_at, parse_piecewise, piecewise_at
@@ -224,7 +224,6 @@ def test_load_balancer_counts_and_moves_biases():
         bal.step(gamma=0.01)
 
 
-
 def test_load_balancer_loss_over_all_layers_is_the_per_layer_sum():
     """collect() scores every layer's sequence-wise balance loss in one pass over the layers stacked along the
     batch: the same value and gate gradients as summing `sequence_balance_loss` layer by layer, with a mask and a
@@ -246,6 +245,7 @@ def test_load_balancer_loss_over_all_layers_is_the_per_layer_sum():
     for a, b in zip(torch.autograd.grad(got, gates), expected_grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-9)
     assert [x.sum().item() for x in bal.loads] == [mask.sum().item() * cfg.num_experts_per_tok] * len(gates)
+
 
 def test_tune_allocator_applies_on_glibc():
     import platform

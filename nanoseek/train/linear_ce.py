@@ -94,9 +94,9 @@ def _onednn_fp32_grads(hidden, weight, targets, row_weight, chunk):
             part, _ = _softmax_grad_(_mm_nt(hidden[r], weight, onednn=True), targets[r, None], out=g[s:s + c])
             loss += (part * row_weight[r, None]).sum()
         w = row_weight[f:f + rows, None]                                            # (rows,1)
-        h = hidden[f:f + rows] * w                                                  # (rows,H): rows weighted
+        h_t = torch.mul(hidden[f:f + rows].t(), w.t(), out=hidden.new_empty(hidden.shape[1], rows))  # (H,rows)
         _mm_nt(g, weight.t(), onednn=grad_h_onednn, out=grad_h[f:f + rows]).mul_(w)  # dL/dh = (g @ W) * w
-        part_w = _mm_nt(h.t().contiguous(), g.t(), onednn=True)                     # (H,V) = (h * w)^T @ g
+        part_w = _mm_nt(h_t, g.t(), onednn=True)                                    # (H,V) = (h * w)^T @ g
         grad_w = part_w if grad_w is None else grad_w.add_(part_w)
     return loss, grad_h, grad_w.t().contiguous()
 
