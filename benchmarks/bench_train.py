@@ -5,10 +5,11 @@ Each side runs full optimizer steps on the same packed batches of the generated 
 (common.next_token_loss: nanoseek's lm_head fused into it, as its pretrain recipe does; transformers' logits
 into the same CE), backward, gradient clipping at 1.0, AdamW (0.9, 0.95, wd 0.1 on matrices). nanoseek's step
 also does its aux-loss-free bias update and sequence-wise balance loss (the pretrain recipe's step), which
-transformers' model does not have: the comparison charges nanoseek for extra work. Steps alternate between the
-sides so machine noise hits both alike; the script prints the median tokens/s, the ratio, the quartiles of the
-per-step ratios (the noise within the run), and each side's MFU against the matmul peak of that precision measured
-in the same run (MTP off: transformers has no MTP).
+transformers' model does not have: the comparison charges nanoseek for extra work. Each side clips the way its
+library trains: nanoseek inside the fused AdamW's pass (optim.clipped_step, as its recipes do), transformers'
+Trainer with a clip, then the step. Steps alternate between the sides so machine noise hits both alike; the script
+prints the median tokens/s, the ratio, the quartiles of the per-step ratios (the noise within the run), and each
+side's MFU against the matmul peak of that precision measured in the same run (MTP off: transformers has no MTP).
 
     python benchmarks/bench_train.py                  # ~18M-param MoE (hidden 256, 8 layers, 16 experts top-4)
     python benchmarks/bench_train.py --batch 8 --seq 256 --steps 10
@@ -26,7 +27,7 @@ from nanoseek.data.pretrain import PretrainLoader, synthetic_corpus
 from nanoseek.tokenizer import train_tokenizer
 from nanoseek.train.balance import LoadBalancer
 from nanoseek.train.loop import autocast, matmul_peak_flops
-from nanoseek.train.optim import build_optimizer, clip_grad_norm
+from nanoseek.train.optim import build_optimizer, clip_grad_norm, clipped_step
 
 from common import add_run_arguments, next_token_loss, pair_ratio_range, twin_models  # noqa: E402  (scripts)
 
@@ -49,8 +50,11 @@ class Side:
             if self.balancer is not None:
                 loss = loss + self.balancer.collect(batch.target_mask, alpha=1e-4)
         loss.backward()
-        clip_grad_norm(list(self.model.parameters()), 1.0)
-        self.opt.step()
+        if self.balancer is not None:       # nanoseek's recipe step: the clip inside the fused AdamW's pass
+            clipped_step(self.opt, self.model.parameters(), 1.0)
+        else:                               # transformers' Trainer: clip_grad_norm_, then optimizer.step()
+            clip_grad_norm(list(self.model.parameters()), 1.0)
+            self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         if self.balancer is not None:
             self.balancer.step(gamma=0.001)

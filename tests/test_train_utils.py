@@ -18,7 +18,7 @@ from nanoseek.train.balance import LoadBalancer
 from nanoseek.train.config import add_config_arguments, config_from_args
 from nanoseek.train.losses import sequence_balance_loss
 from nanoseek.train.metrics import MetricsLog, plot_curves, read_metrics
-from nanoseek.train.optim import build_optimizer, clip_grad_norm, param_groups
+from nanoseek.train.optim import build_optimizer, clip_grad_norm, clipped_step, param_groups
 from nanoseek.train.schedules import lr_at, parse_piecewise, piecewise_at
 
 
@@ -77,6 +77,48 @@ def test_clip_grad_norm_matches_torch():
         assert torch.allclose(p.grad, q.grad)
     assert clip_grad_norm(a, 0.0) == pytest.approx(1.0, rel=1e-5)             # measure only
 
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("max_norm", [1.0, 1e9, 0.0])
+def test_clipped_step_matches_clip_then_step(fused, max_norm):
+    """The fused AdamW clips through its grad_scale inside the step; the result is clip_grad_norm + step's (to
+    rounding: a division instead of a multiply), bit for bit when nothing clips. foreach scales first."""
+    g = torch.Generator().manual_seed(0)
+    a = [torch.nn.Parameter(torch.randn(64, 8, generator=g)) for _ in range(3)]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    kind = {"fused": True} if fused else {"foreach": True}
+    opt_a, opt_b = (torch.optim.AdamW(ps, lr=0.1, betas=(0.9, 0.95), weight_decay=0.1, **kind) for ps in (a, b))
+    for _ in range(3):
+        for p, q in zip(a, b):
+            p.grad = torch.randn(p.shape, generator=g) * 3                        # norm ~40: clips at 1.0
+            q.grad = p.grad.clone()
+        ref = clip_grad_norm(a, max_norm)
+        opt_a.step()
+        assert clipped_step(opt_b, b, max_norm) == ref
+        assert not hasattr(opt_b, "grad_scale")
+        for p, q in zip(a, b):
+            if max_norm in (0.0, 1e9):
+                assert torch.equal(p, q)
+            else:
+                torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
+                torch.testing.assert_close(q.grad, p.grad, rtol=1e-6, atol=1e-9)   # the clipped gradient
+
+
+def test_restored_optimizer_keeps_this_runs_kernel():
+    """A checkpoint saved by an FSDP2 run (foreach AdamW) resumed in one process keeps the fused kernel this run
+    built, and with it clipped_step's in-kernel clip; the moments and step count come from the checkpoint."""
+    model = torch.nn.Linear(8, 8)
+    saving = torch.optim.AdamW(model.parameters(), lr=0.1, foreach=True)
+    model(torch.ones(2, 8)).sum().backward()
+    saving.step()
+    saving.zero_grad(set_to_none=True)
+    model_state, optim_state = native.gather_state(model, saving)
+    resumed = build_optimizer(model, lr=0.1)
+    native.restore_state(model, resumed, model_state, optim_state)
+    assert all(g["fused"] and not g["foreach"] for g in resumed.param_groups)
+    assert resumed.state[model.weight]["step"].item() == 1
+    assert torch.equal(resumed.state[model.weight]["exp_avg"], saving.state[model.weight]["exp_avg"])
 
 # ----------------------------------------------------------------------------- run configs
 def parse(argv):

@@ -103,9 +103,14 @@ def restore_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_stat
                                                          set_optimizer_state_dict)
 
     set_model_state_dict(model, model_state, options=StateDictOptions(full_state_dict=True))
+    # The saved param groups carry the saving run's kernel choice (fused for plain tensors, foreach for FSDP2's
+    # DTensors): keep this run's, which build_optimizer chose for these parameters.
+    kernels = [{k: group[k] for k in ("fused", "foreach") if k in group} for group in optimizer.param_groups]
     # strict=False: a parameter that never had a gradient has no AdamW state yet (it gets one at its first step).
     set_optimizer_state_dict(model, optimizer, optim_state, options=StateDictOptions(full_state_dict=True,
                                                                                      strict=False))
+    for group, kernel in zip(optimizer.param_groups, kernels):
+        group.update(kernel)
 
 
 def export_hf(model_config, model_state: dict, out_dir: str | os.PathLike, tokenizer=None) -> Path:

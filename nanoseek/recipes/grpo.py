@@ -138,7 +138,7 @@ def grpo(cfg: GRPOConfig, reward_fns: dict | None = None) -> dict:
     from nanoseek.train import run as R
     from nanoseek.train.loop import autocast, resolve_precision, seed_all, tune_allocator
     from nanoseek.train.metrics import MetricsLog, plot_curves, read_metrics
-    from nanoseek.train.optim import build_optimizer, clip_grad_norm, set_lr
+    from nanoseek.train.optim import build_optimizer, clipped_step, set_lr
     from nanoseek.train.rl import group_advantages, informative_groups, policy_loss
     from nanoseek.train.logprobs import completion_logprobs, sequence_batch
     from nanoseek.train.rollout import Rollout, RolloutError, parse_reward_spec, rollout, rollout_engine
@@ -283,8 +283,7 @@ def grpo(cfg: GRPOConfig, reward_fns: dict | None = None) -> dict:
                         acc[k] += getattr(pl, k).item() * w
                     if ent is not None:
                         acc["entropy"] += ((ent * mask).sum() / max(n_tokens, 1.0)).item()
-                acc["grad_norm"] = clip_grad_norm(list(model.parameters()), cfg.grad_clip)
-                optimizer.step()
+                acc["grad_norm"] = clipped_step(optimizer, model.parameters(), cfg.grad_clip)
                 optimizer.zero_grad(set_to_none=True)
         # the engine shares `model`: the next rollout samples from the updated weights with nothing to copy
 

@@ -104,7 +104,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
                                      tune_allocator)
     from nanoseek.train.losses import lm_loss, target_counts
     from nanoseek.train.metrics import MetricsLog, plot_curves, read_metrics
-    from nanoseek.train.optim import build_optimizer, clip_grad_norm, set_lr
+    from nanoseek.train.optim import build_optimizer, clipped_step, set_lr
     from nanoseek.train.schedules import lr_at, piecewise_at
 
     # ------------------------------------------------------------------ setup: checks first, before any work
@@ -217,8 +217,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
                 # DDP and FSDP2 average gradients over ranks; our losses are already global means, so undo it.
                 (total * dist.world_size).backward()
             parts += torch.stack([total.detach(), ce.detach(), mtp.detach(), bal.detach()]).double()
-        grad_norm = clip_grad_norm(list(train_model.parameters()), cfg.grad_clip)
-        optimizer.step()
+        grad_norm = clipped_step(optimizer, train_model.parameters(), cfg.grad_clip)
         optimizer.zero_grad(set_to_none=True)
         load = balancer.step(gamma, D.all_reduce_sum)                             # bias update, every rank alike
         loss, ce, mtp, bal = D.all_reduce_sum(parts).tolist()

@@ -94,7 +94,7 @@ def sft(cfg: SFTConfig, teacher=None, kd_weight: float = 0.0, kd_temperature: fl
     from nanoseek.train.loop import autocast, resolve_precision, seed_all, tune_allocator
     from nanoseek.train.losses import cross_entropy
     from nanoseek.train.metrics import MetricsLog, plot_curves, read_metrics
-    from nanoseek.train.optim import build_optimizer, clip_grad_norm, set_lr
+    from nanoseek.train.optim import build_optimizer, clipped_step, set_lr
     from nanoseek.train.schedules import lr_at
 
     # ------------------------------------------------------------------ setup
@@ -175,8 +175,7 @@ def sft(cfg: SFTConfig, teacher=None, kd_weight: float = 0.0, kd_temperature: fl
                     total = (1 - kd_weight) * ce + kd_weight * kd if teacher is not None else ce
                 (total * dist.world_size).backward()                            # DDP averages; our loss is global
             parts += torch.stack([total.detach(), ce.detach(), kd.detach()]).double().cpu()
-        grad_norm = clip_grad_norm(list(train_model.parameters()), cfg.grad_clip)
-        optimizer.step()
+        grad_norm = clipped_step(optimizer, train_model.parameters(), cfg.grad_clip)
         optimizer.zero_grad(set_to_none=True)
         loss, ce, kd = D.all_reduce_sum(parts).tolist()
         seconds = time.perf_counter() - t0
