@@ -1,10 +1,10 @@
 """Forward+backward speed of nanoseek vs transformers' DeepseekV3ForCausalLM on the same config and weights.
 
 Both models run in one process, interleaved, on the same batches, at equal precision (fp32, then bf16
-autocast); the script prints both median times, their ratio, the quartiles of the per-step ratios (each step's
-two sides ran on the same batch, back to back: the spread is the shared machine's noise within the run), and
-each side's model FLOPs utilization against this machine's matmul peak measured in the same run at that
-precision (train.loop.matmul_peak_flops). A step is forward, next-token cross-entropy (log-softmax in fp32) and
+autocast); the script prints both median times, their ratio, the quartiles and median of the per-step ratios
+(each step's two sides ran on the same batch, back to back: their median is the speedup with the shared
+machine's drift paired out, their spread the noise within the run), and each side's model FLOPs utilization
+against this machine's matmul peak measured in the same run at that precision (train.loop.matmul_peak_flops). A step is forward, next-token cross-entropy (log-softmax in fp32) and
 backward, each side the way its library trains (common.next_token_loss: transformers' logits into the CE its
 `labels=` loss runs, nanoseek's hidden states into its fused head + loss). The two losses are checked equal.
 
@@ -22,7 +22,7 @@ import torch
 from nanoseek.accounting import count_params
 from nanoseek.train.loop import matmul_peak_flops
 
-from common import add_run_arguments, next_token_loss, pair_ratio_range, twin_models  # noqa: E402  (scripts)
+from common import add_run_arguments, next_token_loss, pair_ratios, twin_models  # noqa: E402  (scripts)
 
 
 def step(model, ids, autocast_dtype) -> tuple[float, float]:
@@ -41,7 +41,7 @@ def main():
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--vocab", type=int, default=8192)
-    p.add_argument("--iters", type=int, default=8, help="timed steps per side and precision (after --warmup)")
+    p.add_argument("--iters", type=int, default=16, help="timed steps per side and precision (after --warmup)")
     add_run_arguments(p)
     args = p.parse_args()
     import transformers
@@ -56,8 +56,8 @@ def main():
     print(f"config: {pc.total / 1e6:.1f}M params ({pc.activated / 1e6:.1f}M activated), batch {args.batch}x"
           f"{args.seq}, torch {torch.__version__}, transformers {transformers.__version__}, "
           f"{torch.get_num_threads()} threads, attn_implementation={hf.config._attn_implementation}")
-    print(f"{'precision':<16}{'nanoseek ms':>12}{'transformers ms':>17}{'speedup':>9}{'step IQR':>11}{'peak GF/s':>11}"
-          f"{'MFU ours':>10}{'MFU hf':>8}")
+    print(f"{'precision':<16}{'nanoseek ms':>12}{'transformers ms':>17}{'speedup':>9}{'step ratios q1 med q3':>23}"
+          f"{'peak GF/s':>11}{'MFU ours':>10}{'MFU hf':>8}")
     g = torch.Generator().manual_seed(0)
     precisions = [("fp32", None), ("bf16 autocast", torch.bfloat16)]
     for name, dt in [pr for pr in precisions if args.precision in ("both", pr[0].split()[0])]:
@@ -75,7 +75,7 @@ def main():
         ours_t, hf_t = statistics.median(times["ours"]), statistics.median(times["hf"])
         mfu = lambda t: flops_per_token * tokens / t / (peak * 1e9)  # noqa: E731
         print(f"{name:<16}{ours_t * 1e3:>12.1f}{hf_t * 1e3:>17.1f}{hf_t / ours_t:>8.2f}x"
-              f"{pair_ratio_range(times['ours'], times['hf']):>11}{peak:>11.0f}"
+              f"{pair_ratios(times['ours'], times['hf']):>23}{peak:>11.0f}"
               f"{mfu(ours_t):>9.1%}{mfu(hf_t):>8.1%}")
 
 

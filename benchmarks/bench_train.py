@@ -8,8 +8,9 @@ also does its aux-loss-free bias update and sequence-wise balance loss (the pret
 transformers' model does not have: the comparison charges nanoseek for extra work. Each side clips the way its
 library trains: nanoseek inside the fused AdamW's pass (optim.clipped_step, as its recipes do), transformers'
 Trainer with a clip, then the step. Steps alternate between the sides so machine noise hits both alike; the script
-prints the median tokens/s, the ratio, the quartiles of the per-step ratios (the noise within the run), and each
-side's MFU against the matmul peak of that precision measured in the same run (MTP off: transformers has no MTP).
+prints the median tokens/s, their ratio, the quartiles and median of the per-step ratios (the median: the speedup
+with the host's drift paired out; the quartiles: the noise within the run), and each side's MFU against the matmul
+peak of that precision measured in the same run (MTP off: transformers has no MTP).
 
     python benchmarks/bench_train.py                  # ~18M-param MoE (hidden 256, 8 layers, 16 experts top-4)
     python benchmarks/bench_train.py --batch 8 --seq 256 --steps 10
@@ -29,7 +30,7 @@ from nanoseek.train.balance import LoadBalancer
 from nanoseek.train.loop import autocast, matmul_peak_flops
 from nanoseek.train.optim import build_optimizer, clip_grad_norm, clipped_step
 
-from common import add_run_arguments, next_token_loss, pair_ratio_range, twin_models  # noqa: E402  (scripts)
+from common import add_run_arguments, next_token_loss, pair_ratios, twin_models  # noqa: E402  (scripts)
 
 CPU = torch.device("cpu")
 
@@ -67,7 +68,7 @@ def main():
     p.add_argument("--batch", type=int, default=4, help="sequences per step")
     p.add_argument("--seq", type=int, default=256, help="tokens per sequence")
     p.add_argument("--vocab", type=int, default=8192)
-    p.add_argument("--steps", type=int, default=8, help="timed steps per side and precision (after --warmup)")
+    p.add_argument("--steps", type=int, default=16, help="timed steps per side and precision (after --warmup)")
     p.add_argument("--lr", type=float, default=1e-3)
     add_run_arguments(p)
     args = p.parse_args()
@@ -88,8 +89,8 @@ def main():
           f"training token, batch {args.batch} x {args.seq}, AdamW + clip, torch {torch.__version__}, transformers "
           f"{transformers.__version__}, {torch.get_num_threads()} threads, "
           f"attn_implementation={hf.config._attn_implementation}")
-    print(f"{'precision':<15}{'nanoseek tok/s':>15}{'transformers tok/s':>19}{'speedup':>9}{'step IQR':>11}"
-          f"{'peak GF/s':>11}{'MFU ours':>10}{'MFU hf':>8}")
+    print(f"{'precision':<15}{'nanoseek tok/s':>15}{'transformers tok/s':>19}{'speedup':>9}"
+          f"{'step ratios q1 med q3':>23}{'peak GF/s':>11}{'MFU ours':>10}{'MFU hf':>8}")
     precisions = [("fp32", "fp32"), ("bf16 autocast", "bf16")]
     for k, (name, precision) in enumerate([p for p in precisions if args.precision in ("both", p[1])]):
         peak = matmul_peak_flops(CPU, torch.bfloat16 if precision == "bf16" else torch.float32, seconds=1.0)
@@ -101,8 +102,8 @@ def main():
                 sides[s].step(batch, precision)
         tps = {s: tokens / statistics.median(side.times[args.warmup:]) for s, side in sides.items()}
         mfu = {s: v * fpt / peak for s, v in tps.items()}
-        spread = pair_ratio_range(sides["ours"].times[args.warmup:], sides["hf"].times[args.warmup:])
-        print(f"{name:<15}{tps['ours']:>15,.0f}{tps['hf']:>19,.0f}{tps['ours'] / tps['hf']:>8.2f}x{spread:>11}"
+        spread = pair_ratios(sides["ours"].times[args.warmup:], sides["hf"].times[args.warmup:])
+        print(f"{name:<15}{tps['ours']:>15,.0f}{tps['hf']:>19,.0f}{tps['ours'] / tps['hf']:>8.2f}x{spread:>23}"
               f"{peak / 1e9:>11.0f}{mfu['ours']:>10.1%}{mfu['hf']:>8.1%}")
     first = {s: side.losses[0] for s, side in sides.items()}
     print(f"first-step loss (same weights and batch): nanoseek {first['ours']:.5f} (CE + balance loss), "

@@ -44,11 +44,13 @@ def next_token_loss(model, inputs: torch.Tensor, targets: torch.Tensor, mask: to
     return cross_entropy(model(inputs).logits, targets, mask)                                # (B,T,V) logits
 
 
-def pair_ratio_range(ours: list[float], theirs: list[float]) -> str:
-    """The quartiles of the per-step ratios theirs[i] / ours[i] (both sides timed on the same batch, back to back),
-    as "lo-hi": how far the shared machine's noise moves the ratio within one run."""
+def pair_ratios(ours: list[float], theirs: list[float]) -> str:
+    """The per-step ratios theirs[i] / ours[i] (both sides timed on the same batch, back to back) as
+    "q1 median q3". Their median is the speedup with the host's drift paired out (the ratio of the two medians
+    takes its steps from different moments of a host whose speed wanders); the quartiles show how far the noise
+    moves it within the run."""
     q = statistics.quantiles([t / o for o, t in zip(ours, theirs)], n=4)
-    return f"{q[0]:.2f}-{q[2]:.2f}"
+    return f"{q[0]:.2f} {q[1]:.2f} {q[2]:.2f}"
 
 
 def add_run_arguments(parser) -> None:
