@@ -4,9 +4,10 @@ Both models run in one process, interleaved, on the same batches, at equal preci
 autocast); the script prints both median times, their ratio, the quartiles and median of the per-step ratios
 (each step's two sides ran on the same batch, back to back: their median is the speedup with the shared
 machine's drift paired out, their spread the noise within the run), and each side's model FLOPs utilization
-against this machine's matmul peak measured in the same run at that precision (train.loop.matmul_peak_flops). A step is forward, next-token cross-entropy (log-softmax in fp32) and
-backward, each side the way its library trains (common.next_token_loss: transformers' logits into the CE its
-`labels=` loss runs, nanoseek's hidden states into its fused head + loss). The two losses are checked equal.
+against this machine's matmul peak measured in the same run at that precision (train.loop.matmul_peak_flops).
+A step is forward, next-token cross-entropy (log-softmax in fp32) and backward, each side the way its library
+trains (common.next_token_loss: transformers' logits into the CE its `labels=` loss runs, nanoseek's hidden
+states into its fused head + loss). The two losses are checked equal.
 
     python benchmarks/bench_model.py                 # ~18M-param MoE (hidden 256, 8 layers, 16 experts top-4)
     python benchmarks/bench_model.py --batch 8 --seq 256 --iters 10
