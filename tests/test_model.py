@@ -266,7 +266,8 @@ def test_stacked_grouped_experts_reuse_scratch_exactly(monkeypatch):
 
 
 def test_scratch_buffers_are_per_name_and_per_thread():
-    """nanoseek.scratch: one reused buffer per (thread, name), grown on demand, a new one for a new dtype."""
+    """nanoseek.scratch: one reused buffer per (thread, name), grown on demand, a new one for a new dtype; release()
+    drops this thread's."""
     import threading
 
     from nanoseek.scratch import scratch
@@ -283,6 +284,11 @@ def test_scratch_buffers_are_per_name_and_per_thread():
     t.start()
     t.join()
     assert other[0] != b.data_ptr()                                           # each thread has its own
+    from nanoseek import scratch as scratch_module
+
+    scratch_module.release()                                                  # the recipes' end of loop
+    assert scratch_module._local.buffers == {}
+    assert scratch("test_a", (2, 2), torch.float32).shape == (2, 2)           # usable again
 
 
 def test_v3_gate_hand_computed():

@@ -38,6 +38,8 @@ def test_loss_falls_clearly_within_200_steps(tmp_path, tokenizer_dir):
     cfg = PretrainConfig(model="tiny", steps=200, lr=3e-3, warmup_steps=20, save_every=0, out=str(tmp_path),
                          tokenizer=str(tokenizer_dir), seed=0, **FAST)
     pretrain(cfg)
+    from nanoseek import scratch
+    assert not getattr(scratch._local, "buffers", {})                       # released when the loop ended
     rec = read_metrics(tmp_path)
     assert [r["step"] for r in rec] == list(range(1, 201))
     first, last = sum(r["ce"] for r in rec[:10]) / 10, sum(r["ce"] for r in rec[-10:]) / 10

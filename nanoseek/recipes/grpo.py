@@ -131,6 +131,7 @@ def grpo(cfg: GRPOConfig, reward_fns: dict | None = None) -> dict:
     import torch
     from tqdm import tqdm
 
+    from nanoseek import scratch
     from nanoseek.checkpoint.native import export_hf, gather_state
     from nanoseek.data.tasks import get_task
     from nanoseek.parallel import distributed as D
@@ -311,6 +312,7 @@ def grpo(cfg: GRPOConfig, reward_fns: dict | None = None) -> dict:
             state = save(step + 1)
     bar.close()
     metrics.close()
+    scratch.release()                   # the loop's per-thread temporaries
 
     # ------------------------------------------------------------------ save: the final policy in HF format
     if state is None:

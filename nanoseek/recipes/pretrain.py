@@ -92,6 +92,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     import torch
     from tqdm import tqdm
 
+    from nanoseek import scratch
     from nanoseek.accounting import count_params, flops_per_token
     from nanoseek.checkpoint.native import export_hf, gather_state
     from nanoseek.data.pretrain import PretrainLoader, expand_paths, synthetic_corpus
@@ -235,6 +236,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
             state = save(step + 1, final=step + 1 == cfg.steps)
     bar.close()
     metrics.close()
+    scratch.release()                   # the loop's per-thread temporaries
 
     # ------------------------------------------------------------------ save: the final model in HF format
     if start >= cfg.steps:              # no step ran (resumed at --steps): export the checkpoint as it is

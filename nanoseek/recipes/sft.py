@@ -84,6 +84,7 @@ def sft(cfg: SFTConfig, teacher=None, kd_weight: float = 0.0, kd_temperature: fl
     import torch
     from tqdm import tqdm
 
+    from nanoseek import scratch
     from nanoseek.checkpoint.native import export_hf, gather_state
     from nanoseek.data.sft import SFTLoader
     from nanoseek.parallel import distributed as D
@@ -194,6 +195,7 @@ def sft(cfg: SFTConfig, teacher=None, kd_weight: float = 0.0, kd_temperature: fl
                 plot_curves(read_metrics(run_dir), ["loss", "ce", "kd"], run_dir / "loss.png", "SFT loss", "loss")
     bar.close()
     metrics.close()
+    scratch.release()                   # the loop's per-thread temporaries
 
     # ------------------------------------------------------------------ save
     if state is None:
