@@ -46,13 +46,13 @@ def onednn_fp32_linear(*tensors: torch.Tensor) -> bool:
             and torch.backends.cpu.get_cpu_capability().startswith("AVX"))    # measured on x86 only
 
 
-def onednn_fp32_long_k() -> bool:
-    """Whether oneDNN beats MKL on this CPU for the fused head's dL/dh = g @ W (1024 x 8192 by 8192 x 256: a long
-    inner dimension, few outputs). On AVX-512 (EPYC, stop 19) oneDNN ran it at ~180 GFLOP/s against MKL's ~120;
-    on AVX2 (EPYC) MKL wins: 136 vs 103 GFLOP/s alone (stop 20), and the head + loss with dL/dh on oneDNN ran
-    3.6-3.9% slower than with it on MKL (stop 22, both with dL/dW on oneDNN, interleaved, three runs). (dL/dW
-    goes through oneDNN on every x86 CPU: see train.linear_ce._onednn_fp32_grads.) Decided by the CPU, not timed
-    at run time: the same machine always takes the same path, so a resumed run stays bitwise identical."""
+def onednn_fp32_head() -> bool:
+    """Whether the fused head's fp32 matmuls (train.linear_ce._cpu_fp32_grads) run on oneDNN rather than MKL on
+    this CPU: on AVX-512 (EPYC, stop 19) oneDNN ran its logits at 202 GFLOP/s against MKL's 149, dL/dh = g @ W
+    (1024 x 8192 by 8192 x 256) at ~180 against ~120, and dL/dW likewise. On AVX2 (Zen 3 EPYC) MKL wins: dL/dh
+    136 vs 103 GFLOP/s (stop 20), and the whole head + loss with MKL logits in 512-column blocks and MKL's dL/dW
+    ran 1.09-1.17x faster than on oneDNN (stop 24, interleaved A/Bs). Decided by the CPU, not timed at run time:
+    the same machine always takes the same path, so a resumed run stays bitwise identical."""
     return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 

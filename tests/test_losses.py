@@ -24,15 +24,16 @@ def test_cross_entropy_by_hand():
     assert cross_entropy(logits.bfloat16(), targets).dtype == torch.float32
 
 
-@pytest.mark.parametrize("chunk,workspace_chunks,grad_h_onednn",
-                         [(7, None, None), (256, None, None), (7, 2, True), (7, 2, False)])
-def test_fused_head_cross_entropy_matches_logits_path(chunk, workspace_chunks, grad_h_onednn, monkeypatch):
+@pytest.mark.parametrize("chunk,workspace_chunks,onednn_head",
+                         [(7, None, None), (256, None, None), (7, 2, True), (7, 2, False), (7, None, False)])
+def test_fused_head_cross_entropy_matches_logits_path(chunk, workspace_chunks, onednn_head, monkeypatch):
     """`head_weight` fuses the vocabulary projection into the loss chunk by chunk (train.linear_ce): the same
     value and gradients as lm_head -> logits -> CE, with a mask, a global normalizer, an MTP depth, chunks that
     do not divide the rows, and bf16 autocast (where both sides round the matmuls to bf16). On x86 CPUs fp32
     runs the oneDNN path; `workspace_chunks` shrinks its gradient workspace to that many chunks, so its matmuls
-    run per fill and dL/dW accumulates across fills; `grad_h_onednn` picks that path's dL/dh matmul (oneDNN on
-    AVX-512, MKL on AVX2: both are checked on any x86 machine)."""
+    run per fill and dL/dW accumulates across fills; `onednn_head` picks that path's matmul library (oneDNN on
+    AVX-512; MKL on AVX2, with logits in vocabulary blocks and the softmax in place: both are checked on any x86
+    machine)."""
     g = torch.Generator().manual_seed(0)
     B, T, H, V = 3, 11, 16, 97
     hidden = torch.randn(B, T, H, generator=g, requires_grad=True)
@@ -42,8 +43,9 @@ def test_fused_head_cross_entropy_matches_logits_path(chunk, workspace_chunks, g
     mtp_hidden = [torch.randn(B, T, H, generator=g, requires_grad=True)]
     counts = target_counts(mask, 1) * 2                                   # another micro-batch holds as many
     from nanoseek.train import linear_ce
-    if grad_h_onednn is not None:
-        monkeypatch.setattr(linear_ce, "onednn_fp32_long_k", lambda: grad_h_onednn)
+    if onednn_head is not None:
+        monkeypatch.setattr(linear_ce, "onednn_fp32_head", lambda: onednn_head)
+        monkeypatch.setattr(linear_ce, "VOCAB_BLOCK", 10)                 # blocks that do not divide V
     old = linear_ce.CHUNK_ROWS, linear_ce.CHUNK_ELEMENTS, linear_ce.WORKSPACE_BYTES
     linear_ce.CHUNK_ROWS, linear_ce.CHUNK_ELEMENTS = chunk, 0                # exactly `chunk` rows a chunk
     if workspace_chunks:
@@ -67,11 +69,13 @@ def test_fused_head_cross_entropy_matches_logits_path(chunk, workspace_chunks, g
         linear_ce.CHUNK_ROWS, linear_ce.CHUNK_ELEMENTS, linear_ce.WORKSPACE_BYTES = old
 
 
-def test_fused_head_loss_stays_exact_when_the_target_probability_underflows(monkeypatch):
+@pytest.mark.parametrize("onednn_head", [True, False])
+def test_fused_head_loss_stays_exact_when_the_target_probability_underflows(onednn_head, monkeypatch):
     """The CPU fp32 head scores a row as -log softmax[target]; where that probability is below what fp32 holds
     precisely (below 2^-100: a target logit ~70 below the row's logsumexp) the row's loss comes from
     logsumexp - logit instead. Checked on the row routine itself (fp32 against fp64 log-softmax) and through
-    cross_entropy's fused path."""
+    cross_entropy's fused path, both ways: logits kept (oneDNN) and overwritten in place, those rows' logits
+    recomputed (MKL)."""
     from nanoseek.train import linear_ce
     g = torch.Generator().manual_seed(0)
     N, H, V = 6, 8, 64
@@ -87,6 +91,7 @@ def test_fused_head_loss_stays_exact_when_the_target_probability_underflows(monk
     onehot = torch.nn.functional.one_hot(targets, V)
     torch.testing.assert_close(grad, torch.softmax(logits, -1) - onehot, rtol=0, atol=1e-7)
 
+    monkeypatch.setattr(linear_ce, "onednn_fp32_head", lambda: onednn_head)
     monkeypatch.setattr(linear_ce, "CHUNK_ROWS", 4)
     monkeypatch.setattr(linear_ce, "CHUNK_ELEMENTS", 0)                           # 4-row chunks: the CPU path
     h, w = hidden.clone().requires_grad_(), head.clone().requires_grad_()

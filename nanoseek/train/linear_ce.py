@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import torch
 
-from nanoseek.hardware import fast_autocast_dtype, onednn_fp32_linear, onednn_fp32_long_k
+from nanoseek.hardware import fast_autocast_dtype, onednn_fp32_head, onednn_fp32_linear
 from nanoseek.scratch import scratch
 
 CHUNK_ELEMENTS = 2 ** 21   # logits per chunk: 256 rows x 8192 vocab = 8 MiB fp32 fits the L3 share and keeps the
 CHUNK_ROWS = 256           # matmuls near peak (CPU); never fewer rows than this, whatever the vocabulary
-WORKSPACE_BYTES = 2 ** 26  # the oneDNN fp32 path's reused gradient buffer: 64 MiB, or one chunk if larger
+WORKSPACE_BYTES = 2 ** 26  # the CPU fp32 path's reused gradient buffer: 64 MiB, or one chunk if larger
+VOCAB_BLOCK = 512          # logits columns per MKL matmul in the CPU fp32 path (`_mkl_logits`)
 
 
 def chunk_rows(vocab: int) -> int:
@@ -52,53 +53,78 @@ def _loss_and_grad_(logits, t, rw, want_grad: bool = True):
 _TINY_P = 2.0 ** -100     # far above fp32's subnormals (2^-126): log of a normal p is exact to ~1e-7 relative
 
 
-def _softmax_grad_(logits, t, out):
-    """logits (c,V) fp32 (kept), t (c,1) targets -> (per-row CE (c,1), softmax - onehot (c,V) in `out`).
+def _softmax_grad_(logits, t, out, logits_of=None):
+    """logits (c,V) fp32, t (c,1) targets -> (per-row CE (c,1), softmax - onehot (c,V) in `out`). `out` may be
+    logits itself (in place) when `logits_of(rows)` recomputes those rows' logits; otherwise logits are kept.
     torch.softmax works row by row (one 32 KiB row of an 8192 vocabulary stays in L1 across its max, exp-sum and
     scale), where _loss_and_grad_'s whole-chunk amax, sub, exp, sum and scale stream the chunk through memory
     five times: 4.1 -> 2.0 ms a 256 x 8192 chunk, the whole bench_model step 1.5% faster (AVX2, interleaved).
     The loss is -log p[target]; a row whose p[target] is too small for fp32 to hold precisely takes
-    logsumexp - logit from its kept logits instead, so the value stays exact (CPU only: that check syncs)."""
+    logsumexp - logit from its logits instead, so the value stays exact (CPU only: that check syncs)."""
     p = torch.softmax(logits, -1, out=out)
     p_target = p.gather(1, t)                                                       # (c,1)
     loss = p_target.log().neg_()
     tiny = p_target < _TINY_P
     if tiny.any():
         rows = tiny[:, 0].nonzero()[:, 0]
-        z = logits[rows]                                                            # (rows,V)
+        z = logits[rows] if logits_of is None else logits_of(rows)                  # (rows,V)
         loss[rows] = z.logsumexp(-1, keepdim=True) - z.gather(1, t[rows])
     return loss, p.scatter_add_(1, t, torch.full_like(p_target, -1.0))
 
 
-def _onednn_fp32_grads(hidden, weight, targets, row_weight, chunk):
-    """(loss, dL/dhidden, dL/dweight) for fp32 on CPU, the logits through oneDNN's linear. Each chunk's gradient
-    softmax - onehot (`_softmax_grad_`) goes into a workspace of up to WORKSPACE_BYTES rows x V; per workspace
-    fill, dL/dh = (g @ W) * w and dL/dW = g^T @ (h * w) are one matmul each (w the row weights, applied to the
-    (rows, H) sides rather than to the (rows, V) gradient), with the fill's rows as dL/dW's inner dimension.
-    dL/dW is oneDNN's (H,V) = h^T @ g, transposed at the end: on AVX-512 it ran ~180 GFLOP/s where MKL's
-    g^T @ h ran ~120 (the bench_model head 110 -> 96 ms, interleaved, caches flushed between), and on AVX2
-    (Zen 3 EPYC, stop 22) 109-118 vs 75-88 GFLOP/s, the head + loss fwd+bwd 4.7-5.6% faster (interleaved, three
-    runs). dL/dh runs on oneDNN or MKL, whichever `onednn_fp32_long_k` says is faster on this CPU."""
+def _mkl_logits(hidden, weight, out):
+    """hidden (n,H) @ weight (V,H)^T into out (n,V), VOCAB_BLOCK columns per matmul. MKL runs the (n, 512)
+    blocks faster than the whole (n, V) product: 1024 x 256 -> 8192 at 156 GFLOP/s against 128 whole and 115 for
+    oneDNN's linear over 256-row chunks (AVX2 EPYC, stop 24)."""
+    for j in range(0, weight.shape[0], VOCAB_BLOCK):
+        torch.mm(hidden, weight[j:j + VOCAB_BLOCK].t(), out=out[:, j:j + VOCAB_BLOCK])
+    return out
+
+
+def _cpu_fp32_grads(hidden, weight, targets, row_weight, chunk):
+    """(loss, dL/dhidden, dL/dweight) for fp32 on an x86 CPU. The gradient softmax - onehot of up to
+    WORKSPACE_BYTES rows x V (a fill) goes into one reused workspace; per fill, dL/dh = (g @ W) * w and
+    dL/dW = g^T @ (h * w) are one matmul each (w the row weights, applied to the (rows, H) sides rather than to
+    the (rows, V) gradient), with the fill's rows as dL/dW's inner dimension. Which library runs the matmuls is
+    decided by the CPU (`hardware.onednn_fp32_head`):
+    - AVX2 (MKL): the fill's logits are written straight into the workspace (`_mkl_logits`) and the softmax
+      gradient overwrites them in place; dL/dW is MKL's g^T @ (h * w). The head + loss fwd+bwd 1.09-1.17x
+      faster than the oneDNN path below (Zen 3 EPYC, stop 24, interleaved A/Bs): that path's logits ran
+      ~106 GFLOP/s and its dL/dW needed a transposing copy.
+    - AVX-512 (oneDNN): each chunk's logits through oneDNN's linear (202 GFLOP/s against MKL's 149 for 256 x 256
+      -> 8192), dL/dW as oneDNN's (H,V) = h^T @ g, transposed at the end (~180 GFLOP/s against MKL's ~120 for
+      g^T @ h: the bench_model head 110 -> 96 ms, interleaved, caches flushed between)."""
     N, V = hidden.shape[0], weight.shape[0]
     span = min(N, max(chunk, WORKSPACE_BYTES // (4 * V) // chunk * chunk))          # rows per fill: whole chunks
-    grad_h_onednn = onednn_fp32_long_k()
+    onednn = onednn_fp32_head()
     loss = torch.zeros((), dtype=hidden.dtype)
     grad_h, grad_w = torch.empty_like(hidden), None
     for f in range(0, N, span):
         rows = min(span, N - f)
         # a reused buffer: a fresh 32 MiB one page-faulted away the gain of the one-matmul dL/dW (107 vs 106 ms)
         g = scratch("head_grad", (rows, V), hidden.dtype)                           # (rows,V)
+        if not onednn:
+            _mkl_logits(hidden[f:f + rows], weight, out=g)
         for s in range(0, rows, chunk):
             c = min(chunk, rows - s)
             r = slice(f + s, f + s + c)
-            part, _ = _softmax_grad_(_mm_nt(hidden[r], weight, onednn=True), targets[r, None], out=g[s:s + c])
+            if onednn:
+                part, _ = _softmax_grad_(_mm_nt(hidden[r], weight, onednn=True), targets[r, None], out=g[s:s + c])
+            else:
+                part, _ = _softmax_grad_(g[s:s + c], targets[r, None], out=g[s:s + c],
+                                         logits_of=lambda rows, h=hidden[r]: h[rows] @ weight.t())
             loss += (part * row_weight[r, None]).sum()
         w = row_weight[f:f + rows, None]                                            # (rows,1)
-        h_t = torch.mul(hidden[f:f + rows].t(), w.t(), out=hidden.new_empty(hidden.shape[1], rows))  # (H,rows)
-        _mm_nt(g, weight.t(), onednn=grad_h_onednn, out=grad_h[f:f + rows]).mul_(w)  # dL/dh = (g @ W) * w
-        part_w = _mm_nt(h_t, g.t(), onednn=True)                                    # (H,V) = (h * w)^T @ g
-        grad_w = part_w if grad_w is None else grad_w.add_(part_w)
-    return loss, grad_h, grad_w.t().contiguous()
+        _mm_nt(g, weight.t(), onednn=onednn, out=grad_h[f:f + rows]).mul_(w)        # dL/dh = (g @ W) * w
+        if onednn:
+            h_t = torch.mul(hidden[f:f + rows].t(), w.t(), out=hidden.new_empty(hidden.shape[1], rows))  # (H,rows)
+            part_w = _mm_nt(h_t, g.t(), onednn=True)                                # (H,V) = (h * w)^T @ g
+            grad_w = part_w if grad_w is None else grad_w.add_(part_w)
+        elif grad_w is None:
+            grad_w = torch.mm(g.t(), hidden[f:f + rows] * w)                        # (V,H) = g^T @ (h * w)
+        else:
+            grad_w.addmm_(g.t(), hidden[f:f + rows] * w)
+    return loss, grad_h, grad_w.t().contiguous() if onednn else grad_w
 
 
 def _chunks(hidden, weight, targets, row_weight, chunk, want_grad):
@@ -113,7 +139,7 @@ def _chunks(hidden, weight, targets, row_weight, chunk, want_grad):
         # few rows a chunk (vocabularies of 4096 and up): MKL's per-chunk dL/dW has too short a K to run fast.
         # Head + loss fwd+bwd: 125.7 -> 107.6 ms at V 8192, 130.2 -> 120.9 at V 32000; with the demo's 640-token
         # vocabulary (3276-row chunks) the chunk loop below stays faster (15.0 vs 15.9 ms).
-        return _onednn_fp32_grads(hidden, weight, targets, row_weight, chunk)
+        return _cpu_fp32_grads(hidden, weight, targets, row_weight, chunk)
     loss = torch.zeros((), dtype=acc, device=hidden.device)
     grad_h = torch.empty_like(hidden) if want_grad else None
     # fp32: dL/dW accumulates chunk by chunk in place. Low precision: every chunk's gradient is kept (N x V in
