@@ -140,6 +140,10 @@ def _chunks(hidden, weight, targets, row_weight, chunk, want_grad):
         # Head + loss fwd+bwd: 125.7 -> 107.6 ms at V 8192, 130.2 -> 120.9 at V 32000; with the demo's 640-token
         # vocabulary (3276-row chunks) the chunk loop below stays faster (15.0 vs 15.9 ms).
         return _cpu_fp32_grads(hidden, weight, targets, row_weight, chunk)
+    # no gradient, on AVX2: the logits in MKL's vocabulary blocks, as _cpu_fp32_grads takes them there (the fp32
+    # loss alone of the bench_model head, 1024 x 256 -> 8192: 39.3-41.7 -> 37.3-38.9 ms, interleaved, stop 24)
+    vocab_blocks = onednn and not want_grad and not onednn_fp32_head()
+    onednn = onednn and not vocab_blocks
     loss = torch.zeros((), dtype=acc, device=hidden.device)
     grad_h = torch.empty_like(hidden) if want_grad else None
     # fp32: dL/dW accumulates chunk by chunk in place. Low precision: every chunk's gradient is kept (N x V in
@@ -159,7 +163,8 @@ def _chunks(hidden, weight, targets, row_weight, chunk, want_grad):
             low_c = low_buf[s:s + c] if want_grad else low_buf[:c]
             logits = logits_buf[:c].copy_(torch.mm(h, weight.t(), out=low_c))          # (c,V) fp32
         else:
-            logits = _mm_nt(h, weight, onednn, out=None if onednn else logits_buf[:c])  # (c,V) fp32 (or fp64)
+            logits = (_mkl_logits(h, weight, out=logits_buf[:c]) if vocab_blocks                  # (c,V) fp32
+                      else _mm_nt(h, weight, onednn, out=None if onednn else logits_buf[:c]))    # (or fp64)
         part, g = _loss_and_grad_(logits, t, rw, want_grad=want_grad)
         loss += part
         if want_grad:
