@@ -483,3 +483,45 @@ def test_compiled_cpu_fp32_experts_trace_and_match_eager():
     (g_compiled,) = torch.autograd.grad(compiled.square().sum(), [x])
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(g_compiled, g_eager, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("overrides,batch_positions", [({}, False), ({}, True),
+                                                       ({"q_lora_rank": 13, "kv_lora_rank": 12,
+                                                         "qk_nope_head_dim": 9}, False)])
+def test_fused_mla_training_matches_the_modules(overrides, batch_positions, monkeypatch):
+    """CPU fp32 training runs MLA as one op with a hand-written backward (model.mla_fused): its output and every
+    gradient (the input and all seven weights) equal autograd over the modules (`FUSED_TRAINING` off), to 1e-6
+    relative; with positions shared (T,) or per row (B,T), and with odd LoRA ranks and nope width (the rope
+    columns at odd offsets). Without gradients, and for inputs it does not take, the module path runs."""
+    from nanoseek.model import mla
+
+    torch.manual_seed(0)
+    cfg = _cfg(**overrides)
+    attn = mla.MLA(cfg, 0)
+    for p in attn.parameters():
+        torch.nn.init.normal_(p, std=0.3) if p.dim() > 1 else torch.nn.init.uniform_(p, 0.5, 1.5)
+    rotary = nanoseek.model.rope.RotaryEmbedding(cfg)
+    B, T = 3, 10
+    positions = torch.stack([torch.arange(T) + 2 * b for b in range(B)]) if batch_positions else torch.arange(T)
+    cos, sin = rotary(positions)
+    x = torch.randn(B, T, cfg.hidden_size, requires_grad=True)
+    upstream = torch.randn(B, T, cfg.hidden_size)
+    params = [x, *attn.parameters()]
+    assert mla.fused_mla_supported(attn, x) and not mla.fused_mla_supported(attn.double(), x.double())
+    attn.float()
+
+    def run(fused):
+        monkeypatch.setattr(mla, "FUSED_TRAINING", fused)
+        y = attn(x, cos, sin)
+        return y, torch.autograd.grad(y, params, upstream)
+
+    (y_ref, ref), (y, got) = run(False), run(True)
+    assert y.grad_fn is not None and type(y.grad_fn).__name__ == "_FusedMLABackward"
+    assert type(y_ref.grad_fn).__name__ != "_FusedMLABackward"
+    torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=1e-6)
+    for name, a, b in zip(["x", *(n for n, _ in attn.named_parameters())], got, ref):
+        assert b.abs().max() > 0, name
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6 * b.abs().max().item(), msg=name)
+    monkeypatch.setattr(mla, "fused_mla", None)                         # inference: the module path
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x, cos, sin), y_ref, rtol=1e-5, atol=1e-5)

@@ -17,8 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
+from nanoseek.model.mla_fused import fused_mla, fused_mla_supported
 from nanoseek.model.norm import RMSNorm
 from nanoseek.model.rope import apply_rope
+
+FUSED_TRAINING = True   # CPU fp32 training through model.mla_fused (False: autograd over the modules, the reference)
 
 
 class MLA(nn.Module):
@@ -72,6 +75,9 @@ class MLA(nn.Module):
 
         Without a mask, attention is causal with the T new queries at the end of the S keys.
         """
+        if (FUSED_TRAINING and cache is None and attn_mask is None and not absorb and torch.is_grad_enabled()
+                and fused_mla_supported(self, x)):
+            return fused_mla(self, x, cos, sin)                       # the same values, one autograd op
         q_nope, q_pe, c, k_pe = self.project(x, cos, sin)
         if cache is not None:
             c, k_pe = cache.update(self.layer_idx, c, k_pe)          # (B,S,r), (B,S,dr): prefix + new

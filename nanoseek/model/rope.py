@@ -75,3 +75,26 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     rotated = torch.view_as_real(torch.view_as_complex(pairs.unflatten(-1, (-1, 2)))
                                  * torch.complex(cos.to(pairs.dtype), sin.to(pairs.dtype)))   # (..., d/2, 2)
     return rotated.transpose(-1, -2).flatten(-2).to(x.dtype)
+
+
+def rope_rotation(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """cos, sin (..., T, d/2) -> e^(i angle) (..., T, d/2) complex: the rotation `rotate_into` multiplies by."""
+    return torch.complex(cos, sin)
+
+
+def rotate_into(out: torch.Tensor, x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """apply_rope writing into `out` (a view, e.g. the rope columns of a (B,nh,T,d) buffer seen as (B,T,nh,d)):
+    x (..., d) fp32/fp64 interleaved pairs, rotation (..., d/2) complex broadcast against x's pairs.
+    One copy (the de-interleave) instead of apply_rope's two."""
+    if x.storage_offset() % 2 or any(st % 2 for st in x.stride()[:-1]) or x.stride(-1) != 1:
+        x = x.contiguous()                                           # complex views need even strides
+    rotated = torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (-1, 2))) * rotation)   # (..., d/2, 2)
+    return out.unflatten(-1, (2, -1)).copy_(rotated.transpose(-1, -2))
+
+
+def rotate_backward_into(out: torch.Tensor, grad: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """The gradient of rotate_into: grad (..., d) of the de-interleaved output -> out (..., d), the interleaved
+    input's gradient (the pairs rotated back: times the conjugate rotation)."""
+    half = grad.shape[-1] // 2
+    back = torch.complex(grad[..., :half], grad[..., half:]) * rotation.conj()
+    return out.unflatten(-1, (-1, 2)).copy_(torch.view_as_real(back))
