@@ -25,9 +25,11 @@ from nanoseek.model.rope import rope_rotation, rotate_backward_into, rotate_into
 def fused_mla_supported(attn: nn.Module, x: torch.Tensor) -> bool:
     """Whether `fused_mla` computes this MLA's training forward: fp32 on CPU (SDPA's CPU flash kernel, called
     directly; v no wider than q and k), no autocast, q through its LoRA, and every projection a plain bias-free
-    nn.Linear (not swapped for float8 or other modules, whose forward the fused op would bypass)."""
+    nn.Linear (not swapped for float8 or other modules, whose forward the fused op would bypass). Compiled code
+    takes the module path: inductor fuses its elementwise work, and has no complex arithmetic for the rotation."""
     linears = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
     return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+            and not torch.compiler.is_compiling()                # inductor fuses the module path itself
             and attn.q_lora_rank is not None and attn.dv <= attn.dn + attn.dr
             and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward")
             and all(type(getattr(attn, n)) is nn.Linear and getattr(attn, n).bias is None
