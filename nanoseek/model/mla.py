@@ -9,6 +9,8 @@ dv = v_head_dim, r = kv_lora_rank.
   runs directly on the cached latent c (r) and rotated k_pe (dr): 576 values per token per layer for V3.
   The fast path for decoding (T small, S large).
 Both read and write the same latent cache, so a prefill through one and decode through the other is exact.
+CPU fp32 training (no cache, no mask) runs the expanded path as one autograd op with a hand-written backward
+(model.mla_fused): the same values, fewer passes over memory.
 """
 from __future__ import annotations
 
