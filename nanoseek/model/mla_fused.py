@@ -34,7 +34,8 @@ def fused_mla_supported(attn: nn.Module, x: torch.Tensor) -> bool:
             and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward")
             and all(type(getattr(attn, n)) is nn.Linear and getattr(attn, n).bias is None
                     and getattr(attn, n).weight.dtype == torch.float32 for n in linears)
-            and type(attn.q_a_layernorm) is RMSNorm and type(attn.kv_a_layernorm) is RMSNorm)
+            and all(type(norm) is RMSNorm and norm.weight.dtype == torch.float32
+                    for norm in (attn.q_a_layernorm, attn.kv_a_layernorm)))
 
 
 def fused_mla(attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
