@@ -27,15 +27,14 @@ def fused_mla_supported(attn: nn.Module, x: torch.Tensor) -> bool:
     directly; v no wider than q and k), no autocast, q through its LoRA, and every projection a plain bias-free
     nn.Linear (not swapped for float8 or other modules, whose forward the fused op would bypass). Compiled code
     takes the module path: inductor fuses its elementwise work, and has no complex arithmetic for the rotation."""
-    linears = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
     return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
             and not torch.compiler.is_compiling()                # inductor fuses the module path itself
-            and attn.q_lora_rank is not None and attn.dv <= attn.dn + attn.dr
+            and attn.dv <= attn.dn + attn.dr
             and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward")
-            and all(type(getattr(attn, n)) is nn.Linear and getattr(attn, n).bias is None
-                    and getattr(attn, n).weight.dtype == torch.float32 for n in linears)
-            and all(type(norm) is RMSNorm and norm.weight.dtype == torch.float32
-                    for norm in (attn.q_a_layernorm, attn.kv_a_layernorm)))
+            and attn._fusable_down_projections()                 # q LoRA; q_a and kv_a plain bias-free linears
+            and all(type(m) is nn.Linear and m.bias is None for m in (attn.q_b_proj, attn.kv_b_proj, attn.o_proj))
+            and type(attn.q_a_layernorm) is RMSNorm and type(attn.kv_a_layernorm) is RMSNorm
+            and all(p.dtype == torch.float32 for p in attn.parameters()))
 
 
 def fused_mla(attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
