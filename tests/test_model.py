@@ -485,15 +485,21 @@ def test_compiled_cpu_fp32_experts_trace_and_match_eager():
     torch.testing.assert_close(g_compiled, g_eager, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("materialize", [False, True], ids=["flash", "kept-softmax"])
 @pytest.mark.parametrize("overrides,batch_positions", [({}, False), ({}, True),
                                                        ({"q_lora_rank": 13, "kv_lora_rank": 12,
                                                          "qk_nope_head_dim": 9}, False)])
-def test_fused_mla_training_matches_the_modules(overrides, batch_positions, monkeypatch):
+def test_fused_mla_training_matches_the_modules(overrides, batch_positions, materialize, monkeypatch):
     """CPU fp32 training runs MLA as one op with a hand-written backward (model.mla_fused): its output and every
     gradient (the input and all seven weights) equal autograd over the modules (`FUSED_TRAINING` off), to 1e-6
-    relative; with positions shared (T,) or per row (B,T), and with odd LoRA ranks and nope width (the rope
-    columns at odd offsets). Without gradients, and for inputs it does not take, the module path runs."""
-    from nanoseek.model import mla
+    relative with SDPA's flash kernel inside (the module path's kernel: the same values), to 1e-5 with the kept
+    softmax (a different summation order); with positions shared (T,) or per row (B,T), and with odd LoRA ranks
+    and nope width (the rope columns at odd offsets). Without gradients, and for inputs it does not take, the
+    module path runs."""
+    from nanoseek.model import mla, mla_fused
+
+    monkeypatch.setattr(mla_fused, "materialize_scores", lambda *dims: materialize)
+    tol = 1e-5 if materialize else 1e-6
 
     torch.manual_seed(0)
     cfg = _cfg(**overrides)
@@ -518,10 +524,32 @@ def test_fused_mla_training_matches_the_modules(overrides, batch_positions, monk
     (y_ref, ref), (y, got) = run(False), run(True)
     assert y.grad_fn is not None and type(y.grad_fn).__name__ == "_FusedMLABackward"
     assert type(y_ref.grad_fn).__name__ != "_FusedMLABackward"
-    torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(y, y_ref, rtol=tol, atol=tol * y_ref.abs().max().item())
     for name, a, b in zip(["x", *(n for n, _ in attn.named_parameters())], got, ref):
         assert b.abs().max() > 0, name
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6 * b.abs().max().item(), msg=name)
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol * b.abs().max().item(), msg=name)
     monkeypatch.setattr(mla, "fused_mla", None)                         # inference: the module path
     with torch.no_grad():
         torch.testing.assert_close(attn(x, cos, sin), y_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("T", [1, 10, 64, 65, 200, 300])
+def test_causal_attention_kept_softmax_matches_float64(T):
+    """The fused MLA's causal attention with the softmax kept (query blocks of 64 or 128 rows, each against the
+    keys up to its end): output and dq, dk, dv equal autograd over the plain float64 masked softmax to fp32
+    rounding, at lengths inside one block, on a block edge, one past it, and across several blocks."""
+    from nanoseek.model.mla_fused import causal_attention_backward, causal_attention_forward
+
+    torch.manual_seed(T)
+    BH, d, dv, scale = 3, 12, 8, 12 ** -0.5
+    q, k, v = torch.randn(BH, T, d), torch.randn(BH, T, d), torch.randn(BH, T, dv)
+    do = torch.randn(BH, T, dv)
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    s = (q64 @ k64.transpose(1, 2) * scale).masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    o64 = s.softmax(-1) @ v64
+    ref = torch.autograd.grad(o64, (q64, k64, v64), do.double())
+    o, probs = causal_attention_forward(q, k, v, scale)
+    got = causal_attention_backward(do, q, k, v, probs, scale)
+    torch.testing.assert_close(o, o64.float(), rtol=1e-5, atol=1e-5)
+    for name, a, b in zip("qkv", got, ref):
+        torch.testing.assert_close(a, b.float(), rtol=1e-5, atol=1e-5, msg=name)
