@@ -441,6 +441,28 @@ def test_rope_complex_path_matches_pairwise_formula(dtype):
         torch.testing.assert_close(got, expected, atol=0, rtol=0)
 
 
+def test_rotate_pairs_into_keeps_apply_ropes_pairs_interleaved():
+    """The fused MLA's rotation: apply_rope's values left in the input's interleaved order, written into even-
+    and odd-offset outputs from even- and odd-offset inputs; its backward is autograd's through apply_rope."""
+    from nanoseek.model.rope import apply_rope, rope_rotation, rotate_pairs_backward_into, rotate_pairs_into
+
+    g = torch.Generator().manual_seed(0)
+    angles = torch.randn(7, 8, generator=g)
+    cos, sin = angles.cos(), angles.sin()
+    rotation = rope_rotation(cos, sin).unsqueeze(-2)                                  # over 3 heads
+    for x_off, out_off in [(0, 0), (19, 0), (0, 5), (19, 5)]:
+        x = torch.randn(2, 7, 3, x_off + 16, generator=g)[..., x_off:].requires_grad_()
+        out = torch.zeros(2, 7, 3, out_off + 16)[..., out_off:]
+        rotate_pairs_into(out, x.detach(), rotation)
+        ref = apply_rope(x, cos, sin)                                                  # de-interleaved
+        torch.testing.assert_close(out[..., 0::2], ref[..., :8], atol=0, rtol=0)
+        torch.testing.assert_close(out[..., 1::2], ref[..., 8:], atol=0, rtol=0)
+        grad = torch.randn(2, 7, 3, 16, generator=g)                                  # of out (interleaved)
+        (expected,) = torch.autograd.grad(ref, x, torch.cat([grad[..., 0::2], grad[..., 1::2]], dim=-1))
+        back = torch.zeros(2, 7, 3, out_off + 16)[..., out_off:]
+        torch.testing.assert_close(rotate_pairs_backward_into(back, grad, rotation), expected, atol=1e-6, rtol=1e-6)
+
+
 @pytest.mark.parametrize("wants", [(True, True), (True, False), (False, True)])
 def test_rmsnorm_training_op_matches_the_composite(wants):
     """With gradients on, full-precision RMSNorm runs one op with a closed-form backward; in fp64 its values and

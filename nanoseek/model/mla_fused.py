@@ -4,10 +4,14 @@ mask, causal; q through its LoRA), with a hand-written backward.
 Autograd over MLA's modules records ~30 nodes a layer and materializes what only its bookkeeping needs: the
 zero-filled (B,nh,T,dn+dr) gradient of the output's slice, the gradient of the padded V, the concatenations of
 split gradients (q's nope and rope halves, kv's K and V halves, the fused down-projection's three parts). Here
-each gradient is written once into the buffer its matmul reads. The values are the module path's, value for
-value: the same matmuls, norms (model.norm) and rotations (model.rope) in the same order; tests/test_model.py
-holds the gradients equal. bench_model's attention block fwd+bwd 1.04-1.05x, the whole fp32 step 1.01x (paired,
-interleaved, AVX2 EPYC, stop 24).
+each gradient is written once into the buffer its matmul reads. The matmuls and norms (model.norm) are the
+module path's, in the same order. Two things differ inside the attention, where only the order of a sum
+changes: q's and k's rope pairs stay interleaved (both sides of q.k in the same order: the same dot product
+without the de-interleaving copies), and where the sequence is short enough the softmax is kept for backward
+(`causal_attention_forward`) instead of run through SDPA's flash kernel. tests/test_model.py holds the output
+and gradients to the module path's within 1e-5 (1e-6 with the flash kernel) and the attention to float64.
+bench_model's attention block fwd+bwd 1.04-1.05x (stop 24); the kept softmax 1.01x the whole fp32 step (paired,
+interleaved, AVX2 EPYC, stop 25).
 
 Shapes: B batch, T tokens, N = B*T, H hidden, nh heads, dn/dr/dv = qk_nope/qk_rope/v head dims, d = dn + dr,
 rq = q_lora_rank, r = kv_lora_rank.
@@ -19,7 +23,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from nanoseek.model.norm import RMSNorm, rms_norm_backward, rms_norm_forward
-from nanoseek.model.rope import rope_rotation, rotate_backward_into, rotate_into
+from nanoseek.model.rope import rope_rotation, rotate_pairs_backward_into, rotate_pairs_into
 from nanoseek.scratch import scratch
 
 
@@ -116,11 +120,11 @@ class _FusedMLA(torch.autograd.Function):
         head_rotation = rotation.unsqueeze(-2)                                        # broadcast over heads
         Q = x.new_empty(B, nh, T, d)
         Q[..., :dn].copy_(q[..., :dn].transpose(1, 2))
-        rotate_into(Q[..., dn:].transpose(1, 2), q[..., dn:], head_rotation)
+        rotate_pairs_into(Q[..., dn:].transpose(1, 2), q[..., dn:], head_rotation)
         K = x.new_empty(B, nh, T, d)
         K[..., :dn].copy_(kv[..., :dn].transpose(1, 2))
         k_pe = x.new_empty(B, T, dr)
-        rotate_into(k_pe, a[:, rq + r:].reshape(B, T, dr), rotation)                 # one rope key for all heads
+        rotate_pairs_into(k_pe, a[:, rq + r:].reshape(B, T, dr), rotation)               # one rope key for all heads
         K[..., dn:].copy_(k_pe[:, None])
         if materialize_scores(nh, T, H):
             V = x.new_empty(B, nh, T, dv).copy_(kv[..., dn:].transpose(1, 2))
@@ -163,13 +167,13 @@ class _FusedMLA(torch.autograd.Function):
         d_kv[..., dn:].copy_(dV[..., :dv].transpose(1, 2))
         d_q = grad.new_empty(B, T, nh, d)                                             # q_b_proj's output grad
         d_q[..., :dn].copy_(dQ[..., :dn].transpose(1, 2))
-        rotate_backward_into(d_q[..., dn:], dQ[..., dn:].transpose(1, 2), rotation.unsqueeze(-2))
+        rotate_pairs_backward_into(d_q[..., dn:], dQ[..., dn:].transpose(1, 2), rotation.unsqueeze(-2))
         d_kv, d_q = d_kv.view(N, -1), d_q.view(N, -1)
         grad_w_kvb, grad_w_qb = d_kv.t() @ c, d_q.t() @ q_lora
         d_a = grad.new_empty(N, rq + r + dr)                                          # the down-projection's grad
         d_a[:, :rq], grad_w_q_norm = rms_norm_backward(d_q @ w_qb, q_normed, w_q_norm, q_rstd)
         d_a[:, rq:rq + r], grad_w_kv_norm = rms_norm_backward(d_kv @ w_kvb, c_normed, w_kv_norm, c_rstd)
-        rotate_backward_into(d_a[:, rq + r:].view(B, T, dr), dK[..., dn:].sum(1), rotation)   # summed over heads
+        rotate_pairs_backward_into(d_a[:, rq + r:].view(B, T, dr), dK[..., dn:].sum(1), rotation)   # over heads
         grad_x = (d_a @ w_a).view(B, T, H)
         return (grad_x, d_a.t() @ x2, grad_w_q_norm, grad_w_qb, grad_w_kv_norm, grad_w_kvb, grad_w_o,
                 None, None, None, None)

@@ -76,9 +76,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 def _rotated_pairs(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     """x (..., d) fp32/fp64 interleaved pairs times rotation (..., d/2) complex -> (..., d/2, 2) real view."""
-    if x.storage_offset() % 2 or any(st % 2 for st in x.stride()[:-1]) or x.stride(-1) != 1:
-        x = x.contiguous()                                           # complex views need even strides
-    return torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (-1, 2))) * rotation)
+    pairs = _as_pairs(x)
+    if pairs is None:
+        pairs = torch.view_as_complex(x.contiguous().unflatten(-1, (-1, 2)))   # complex views need even strides
+    return torch.view_as_real(pairs * rotation)
 
 
 def rope_rotation(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -86,18 +87,31 @@ def rope_rotation(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return torch.complex(cos, sin)
 
 
-def rotate_into(out: torch.Tensor, x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
-    """apply_rope writing into `out` (a view, e.g. the rope columns of a (B,nh,T,d) buffer seen as (B,T,nh,d)):
-    x (..., d) fp32/fp64 interleaved pairs, rotation (..., d/2) complex broadcast against x's pairs.
-    One copy (the de-interleave) instead of apply_rope's two. Returns out."""
-    out.unflatten(-1, (2, -1)).copy_(_rotated_pairs(x, rotation).transpose(-1, -2))
+def _as_pairs(x: torch.Tensor) -> torch.Tensor | None:
+    """x (..., d) fp32/fp64 seen as (..., d/2) complex pairs without a copy, or None where its strides or offset
+    are odd (a complex view needs even ones)."""
+    if x.storage_offset() % 2 or any(st % 2 for st in x.stride()[:-1]) or x.stride(-1) != 1:
+        return None
+    return torch.view_as_complex(x.unflatten(-1, (-1, 2)))
+
+
+def rotate_pairs_into(out: torch.Tensor, x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """x (..., d) fp32/fp64 interleaved pairs times rotation (..., d/2) complex (broadcast), written into `out`
+    (..., d) still interleaved: apply_rope without its de-interleave. For callers that rotate both sides of a dot
+    product (attention's q and k): the dot product is the same sum in another order. One multiply straight into
+    out where both have even strides (bench_model's q: 54 us, against rotate-then-de-interleave's 160). Returns
+    out."""
+    target = _as_pairs(out)
+    if target is None:
+        out.copy_(_rotated_pairs(x, rotation).flatten(-2))
+    else:
+        source = _as_pairs(x)
+        torch.mul(source if source is not None else torch.view_as_complex(x.contiguous().unflatten(-1, (-1, 2))),
+                  rotation, out=target)
     return out
 
 
-def rotate_backward_into(out: torch.Tensor, grad: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
-    """The gradient of rotate_into: grad (..., d) of the de-interleaved output -> out (..., d), the interleaved
-    input's gradient (the pairs rotated back: times the conjugate rotation). Returns out."""
-    half = grad.shape[-1] // 2
-    back = torch.complex(grad[..., :half], grad[..., half:]) * rotation.conj()
-    out.unflatten(-1, (-1, 2)).copy_(torch.view_as_real(back))
-    return out
+def rotate_pairs_backward_into(out: torch.Tensor, grad: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """The gradient of rotate_pairs_into: grad (..., d) of its interleaved output -> out (..., d), the input's
+    gradient (the pairs rotated back: times the conjugate rotation). Returns out."""
+    return rotate_pairs_into(out, grad, rotation.conj())
