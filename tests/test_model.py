@@ -570,8 +570,11 @@ def test_causal_attention_kept_softmax_matches_float64(T):
     s = (q64 @ k64.transpose(1, 2) * scale).masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
     o64 = s.softmax(-1) @ v64
     ref = torch.autograd.grad(o64, (q64, k64, v64), do.double())
-    o, probs = causal_attention_forward(q, k, v, scale)
-    got = causal_attention_backward(do, q, k, v, probs, scale)
-    torch.testing.assert_close(o, o64.float(), rtol=1e-5, atol=1e-5)
+    # (B, nh) = (1, 3) heads; o and dq into strided views of (T, heads, width) buffers, as the fused op passes
+    o, dq = torch.full((T, BH, dv), float("nan")), torch.full((T, BH, d), float("nan"))
+    probs = causal_attention_forward(q[None], k[None], v[None], scale, out=o.transpose(0, 1)[None])
+    dk, dv_ = causal_attention_backward(do[None], q[None], k[None], v[None], probs, scale, dq.transpose(0, 1)[None])
+    got = dq.transpose(0, 1), dk[0], dv_[0]
+    torch.testing.assert_close(o.transpose(0, 1), o64.float(), rtol=1e-5, atol=1e-5)
     for name, a, b in zip("qkv", got, ref):
         torch.testing.assert_close(a, b.float(), rtol=1e-5, atol=1e-5, msg=name)

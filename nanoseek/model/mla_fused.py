@@ -65,42 +65,62 @@ def _query_blocks(T: int) -> list[tuple[int, int]]:
     return [(r0, min(r0 + rows, T)) for r0 in range(0, T, rows)]
 
 
-def causal_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
-    """q, k (BH,T,d), v (BH,T,dv) -> (o (BH,T,dv), probs: each query block's softmax (BH, rows, keys to its end)).
+def causal_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                             out: torch.Tensor) -> list[torch.Tensor]:
+    """q, k (B,nh,T,d), v (B,nh,T,dv) contiguous; writes softmax(scale q k^T, causal) v into out (B,nh,T,dv), any
+    strides (the fused op passes a head-major view of its (B,T,nh,dv) output: no copy after). Returns each query
+    block's softmax (B*nh, rows, keys to its end), kept for backward.
 
-    Batched matmuls over the BH heads (MKL splits the batch across cores) and torch's softmax, the probabilities
-    kept for backward. Against SDPA's CPU flash kernel (which recomputes them in backward, one thread per head
-    tile, and needs v padded to d) at bench_model's (16, 256, 48) heads with v 32: fwd 1.71 vs 1.58 ms, bwd 2.44
-    vs 3.90; at (8, 512): 2.75 + 3.85 vs 3.09 + 8.29; at (4, 1024): 4.67 + 7.09 vs 4.52 + 12.00 (AVX2 EPYC)."""
-    BH, T, _ = q.shape
-    o = v.new_empty(BH, T, v.shape[-1])
+    Batched matmuls over the B*nh heads (MKL splits the batch across cores) and torch's softmax in place. Every
+    matmul writes a contiguous buffer: torch runs bmm/baddbmm into a strided output as one MKL call per head
+    (bench_model's step made 1,900 such calls, 20.6 ms, stop 25). Against SDPA's CPU flash kernel (which
+    recomputes the probabilities in backward, one thread per head tile, and needs v padded to d), at bench_model's
+    (16, 256, 48) heads with v 32: fwd 1.71 vs 1.58 ms, bwd 2.44 vs 3.90; at (8, 512): 2.75 + 3.85 vs 3.09 + 8.29;
+    at (4, 1024): 4.67 + 7.09 vs 4.52 + 12.00 (AVX2 EPYC, before the contiguous outputs)."""
+    B, nh, T, d = q.shape
+    q, k, v = q.view(B * nh, T, d), k.view(B * nh, T, d), v.view(B * nh, T, -1)
     blocks = _query_blocks(T)
     future = torch.ones(blocks[0][1], blocks[0][1], dtype=torch.bool, device=q.device).triu(1)   # j > i
     probs = []
     for r0, e in blocks:
-        s = q.new_empty(BH, e - r0, e)
+        s = q.new_empty(B * nh, e - r0, e)
         torch.baddbmm(s, q[:, r0:e], k[:, :e].transpose(1, 2), beta=0, alpha=scale, out=s)   # scale * q k^T
         s[:, :, r0:].masked_fill_(future[:e - r0, :e - r0], float("-inf"))                      # the diagonal tile
         p = torch.ops.aten._softmax.out(s, -1, False, out=s)                                   # in place
-        torch.bmm(p, v[:, :e], out=o[:, r0:e])
+        o = torch.bmm(p, v[:, :e], out=scratch("attention_o", (B * nh, e - r0, v.shape[-1]), v.dtype))
+        out[:, :, r0:e].copy_(o.view(B, nh, e - r0, -1))
         probs.append(p)
-    return o, probs
+    return probs
 
 
 def causal_attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                              probs: list[torch.Tensor], scale: float):
-    """d(o) (BH,T,dv) and causal_attention_forward's inputs and probabilities -> (dq, dk, dv). The blocks run last
-    to first: the last reaches every key and writes dk and dv (beta 0), the others add into their prefix."""
-    BH, T, _ = q.shape
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+                              probs: list[torch.Tensor], scale: float, dq_out: torch.Tensor):
+    """d(o) (B,nh,T,dv) and causal_attention_forward's inputs (contiguous) and probabilities -> dq written into
+    dq_out (B,nh,T,d), any strides; returns (dk, dv) (B,nh,T,d), (B,nh,T,dv). The blocks run last to first: the
+    last reaches every key and writes dk and dv whole, the others add into their prefix (from a contiguous
+    product, for the reason in causal_attention_forward)."""
+    B, nh, T, d = q.shape
+    BH, dv_ = B * nh, v.shape[-1]
+    q, k, v, do = q.view(BH, T, d), k.view(BH, T, d), v.view(BH, T, dv_), do.view(BH, T, dv_)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+
+    def into_prefix(grad, e, a, b, alpha):          # grad[:, :e] (+)= alpha * a @ b
+        if e == T:
+            torch.baddbmm(grad, a, b, beta=0, alpha=alpha, out=grad)
+        else:
+            grad[:, :e].add_(torch.bmm(a, b, out=scratch("attention_prefix", (BH, e, b.shape[-1]), b.dtype)),
+                             alpha=alpha)
+
     for (r0, e), p in reversed(list(zip(_query_blocks(T), probs))):
-        beta = 0 if e == T else 1
-        torch.baddbmm(dv[:, :e], p.transpose(1, 2), do[:, r0:e], beta=beta, out=dv[:, :e])      # p^T do
+        rows = e - r0
+        into_prefix(dv, e, p.transpose(1, 2), do[:, r0:e], 1)                                      # p^T do
         dp = torch.bmm(do[:, r0:e], v[:, :e].transpose(1, 2), out=scratch("attention_dp", p.shape, p.dtype))
         ds = torch.ops.aten._softmax_backward_data.out(dp, p, -1, p.dtype, grad_input=dp)     # p * (dp - <dp, p>)
-        torch.baddbmm(dq[:, r0:e], ds, k[:, :e], beta=0, alpha=scale, out=dq[:, r0:e])
-        torch.baddbmm(dk[:, :e], ds.transpose(1, 2), q[:, r0:e], beta=beta, alpha=scale, out=dk[:, :e])
-    return dq, dk, dv
+        dq = scratch("attention_dq", (BH, rows, d), q.dtype)
+        torch.baddbmm(dq, ds, k[:, :e], beta=0, alpha=scale, out=dq)
+        dq_out[:, :, r0:e].copy_(dq.view(B, nh, rows, d))
+        into_prefix(dk, e, ds.transpose(1, 2), q[:, r0:e], scale)
+    return dk.view(B, nh, T, d), dv.view(B, nh, T, dv_)
 
 
 class _FusedMLA(torch.autograd.Function):
@@ -128,15 +148,14 @@ class _FusedMLA(torch.autograd.Function):
         K[..., dn:].copy_(k_pe[:, None])
         if materialize_scores(nh, T, H):
             V = x.new_empty(B, nh, T, dv).copy_(kv[..., dn:].transpose(1, 2))
-            O, probs = causal_attention_forward(Q.view(B * nh, T, d), K.view(B * nh, T, d), V.view(B * nh, T, dv),
-                                                scale)
-            O = O.view(B, nh, T, dv)
+            o = x.new_empty(N, nh * dv)                                               # written head by head
+            probs = causal_attention_forward(Q, K, V, scale, out=o.view(B, T, nh, dv).transpose(1, 2))
         else:   # SDPA's flash kernel: v zero-padded to q/k's width (it needs equal widths; the pad is never read)
             V = x.new_zeros(B, nh, T, d)
             V[..., :dv].copy_(kv[..., dn:].transpose(1, 2))
             O, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(Q, K, V, 0.0, True, scale=scale)
             probs = (O, lse)
-        o = O[..., :dv].transpose(1, 2).reshape(N, nh * dv)                           # (N, nh*dv)
+            o = O[..., :dv].transpose(1, 2).reshape(N, nh * dv)                       # (N, nh*dv)
         ctx.save_for_backward(x2, w_a, w_q_norm, w_qb, w_kv_norm, w_kvb, w_o, rotation, q_lora, q_normed, q_rstd,
                               c, c_normed, c_rstd, Q, K, V, o, *probs)
         ctx.dims, ctx.scale, ctx.flash = dims, scale, V.shape[-1] != dv
@@ -155,19 +174,18 @@ class _FusedMLA(torch.autograd.Function):
         dO = grad.new_empty(B, nh, T, V.shape[-1])                                    # d(output), zero on a pad
         dO[..., dv:].zero_()
         dO[..., :dv].copy_((grad @ w_o).view(B, T, nh, dv).transpose(1, 2))
+        d_q = grad.new_empty(B, T, nh, d)                                             # q_b_proj's output grad
         if ctx.flash:
             dQ, dK, dV = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
                 dO, Q, K, V, *probs, 0.0, True, scale=ctx.scale)
-        else:
-            dQ, dK, dV = (g.view(B, nh, T, -1) for g in causal_attention_backward(
-                dO.view(B * nh, T, dv), Q.view(B * nh, T, d), K.view(B * nh, T, d), V.view(B * nh, T, dv), probs,
-                ctx.scale))
+            d_q[..., :dn].copy_(dQ[..., :dn].transpose(1, 2))
+            rotate_pairs_backward_into(d_q[..., dn:], dQ[..., dn:].transpose(1, 2), rotation.unsqueeze(-2))
+        else:                                                                         # dq written into d_q
+            dK, dV = causal_attention_backward(dO, Q, K, V, probs, ctx.scale, dq_out=d_q.transpose(1, 2))
+            rotate_pairs_backward_into(d_q[..., dn:], d_q[..., dn:], rotation.unsqueeze(-2))   # in place
         d_kv = grad.new_empty(B, T, nh, dn + dv)                                      # kv_b_proj's output grad
         d_kv[..., :dn].copy_(dK[..., :dn].transpose(1, 2))
         d_kv[..., dn:].copy_(dV[..., :dv].transpose(1, 2))
-        d_q = grad.new_empty(B, T, nh, d)                                             # q_b_proj's output grad
-        d_q[..., :dn].copy_(dQ[..., :dn].transpose(1, 2))
-        rotate_pairs_backward_into(d_q[..., dn:], dQ[..., dn:].transpose(1, 2), rotation.unsqueeze(-2))
         d_kv, d_q = d_kv.view(N, -1), d_q.view(N, -1)
         grad_w_kvb, grad_w_qb = d_kv.t() @ c, d_q.t() @ q_lora
         d_a = grad.new_empty(N, rq + r + dr)                                          # the down-projection's grad
