@@ -510,7 +510,8 @@ def test_compiled_cpu_fp32_experts_trace_and_match_eager():
 @pytest.mark.parametrize("materialize", [False, True], ids=["flash", "kept-softmax"])
 @pytest.mark.parametrize("overrides,batch_positions", [({}, False), ({}, True),
                                                        ({"q_lora_rank": 13, "kv_lora_rank": 12,
-                                                         "qk_nope_head_dim": 9}, False)])
+                                                         "qk_nope_head_dim": 9}, False),
+                                                       ({"v_head_dim": 24}, False)])     # v as wide as q, k
 def test_fused_mla_training_matches_the_modules(overrides, batch_positions, materialize, monkeypatch):
     """CPU fp32 training runs MLA as one op with a hand-written backward (model.mla_fused): its output and every
     gradient (the input and all seven weights) equal autograd over the modules (`FUSED_TRAINING` off), to 1e-6

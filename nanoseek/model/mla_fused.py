@@ -146,7 +146,8 @@ class _FusedMLA(torch.autograd.Function):
         k_pe = x.new_empty(B, T, dr)
         rotate_pairs_into(k_pe, a[:, rq + r:].reshape(B, T, dr), rotation)               # one rope key for all heads
         K[..., dn:].copy_(k_pe[:, None])
-        if materialize_scores(nh, T, H):
+        flash = not materialize_scores(nh, T, H)
+        if not flash:
             V = x.new_empty(B, nh, T, dv).copy_(kv[..., dn:].transpose(1, 2))
             o = x.new_empty(N, nh * dv)                                               # written head by head
             probs = causal_attention_forward(Q, K, V, scale, out=o.view(B, T, nh, dv).transpose(1, 2))
@@ -158,7 +159,7 @@ class _FusedMLA(torch.autograd.Function):
             o = O[..., :dv].transpose(1, 2).reshape(N, nh * dv)                       # (N, nh*dv)
         ctx.save_for_backward(x2, w_a, w_q_norm, w_qb, w_kv_norm, w_kvb, w_o, rotation, q_lora, q_normed, q_rstd,
                               c, c_normed, c_rstd, Q, K, V, o, *probs)
-        ctx.dims, ctx.scale, ctx.flash = dims, scale, V.shape[-1] != dv
+        ctx.dims, ctx.scale, ctx.flash = dims, scale, flash
         return (o @ w_o.t()).view(B, T, H)
 
     @staticmethod

@@ -76,10 +76,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 def _rotated_pairs(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     """x (..., d) fp32/fp64 interleaved pairs times rotation (..., d/2) complex -> (..., d/2, 2) real view."""
-    pairs = _as_pairs(x)
-    if pairs is None:
-        pairs = torch.view_as_complex(x.contiguous().unflatten(-1, (-1, 2)))   # complex views need even strides
-    return torch.view_as_real(pairs * rotation)
+    return torch.view_as_real(_complex_pairs(x) * rotation)
 
 
 def rope_rotation(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -95,6 +92,12 @@ def _as_pairs(x: torch.Tensor) -> torch.Tensor | None:
     return torch.view_as_complex(x.unflatten(-1, (-1, 2)))
 
 
+def _complex_pairs(x: torch.Tensor) -> torch.Tensor:
+    """x (..., d) as (..., d/2) complex pairs: a view where the strides allow, else of a contiguous copy."""
+    pairs = _as_pairs(x)
+    return pairs if pairs is not None else torch.view_as_complex(x.contiguous().unflatten(-1, (-1, 2)))
+
+
 def rotate_pairs_into(out: torch.Tensor, x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     """x (..., d) fp32/fp64 interleaved pairs times rotation (..., d/2) complex (broadcast), written into `out`
     (..., d) still interleaved: apply_rope without its de-interleave. For callers that rotate both sides of a dot
@@ -105,9 +108,7 @@ def rotate_pairs_into(out: torch.Tensor, x: torch.Tensor, rotation: torch.Tensor
     if target is None:
         out.copy_(_rotated_pairs(x, rotation).flatten(-2))
     else:
-        source = _as_pairs(x)
-        torch.mul(source if source is not None else torch.view_as_complex(x.contiguous().unflatten(-1, (-1, 2))),
-                  rotation, out=target)
+        torch.mul(_complex_pairs(x), rotation, out=target)
     return out
 
 
