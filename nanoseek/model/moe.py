@@ -72,8 +72,8 @@ class Gate(nn.Module):
             else:
                 group_score = grouped.amax(dim=-1)                                      # (N,G)
             keep = group_score.topk(self.topk_group, dim=-1).indices                   # (N,topk_group)
-            group_mask = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, keep, True)
-            choice = choice.masked_fill(~group_mask.repeat_interleave(E // self.n_group, dim=1), float("-inf"))
+            dropped = torch.ones_like(group_score, dtype=torch.bool).scatter_(1, keep, False)   # (N,G)
+            choice = grouped.masked_fill(dropped[..., None], float("-inf")).view(N, E)  # broadcast over members
         indices = choice.topk(self.top_k, dim=-1).indices                               # (N,K)
         weights = scores.gather(1, indices)                                             # selection bias not used
         if self.norm_topk_prob and (self.scale_after_norm or self.top_k > 1):
